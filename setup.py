@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="composer_prx",
+    version="0.1.0",
+    description="The PRX 24-hour text-to-image recipe as MosaicML Composer algorithms and callbacks",
+    packages=find_packages(include=["composer_prx", "composer_prx.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.7.0",
+        "torchvision==0.22.0",
+        "mosaicml==0.32.1",
+        "mosaicml-streaming==0.13.0",
+        "numpy>=1.26,<2.2",
+        "transformers>=4.40,<5",
+        "lpips==0.1.4",
+        "timm>=1.0",
+        "omegaconf>=2.3",
+        "pillow>=10",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "moto[server]>=5"],
+    },
+)
