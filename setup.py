@@ -12,7 +12,7 @@ setup(
         "mosaicml==0.32.1",
         "mosaicml-streaming==0.13.0",
         "numpy>=1.26,<2.2",
-        "transformers>=4.40,<5",
+        "transformers>=4.56,<5",
         "lpips==0.1.4",
         "timm>=1.0",
         "omegaconf>=2.3",

@@ -1,0 +1,27 @@
+"""composer_prx: the PRX 24-hour text-to-image recipe as MosaicML Composer algorithms and callbacks.
+
+Public names are imported lazily so that `import composer_prx` stays light (optional extras such as
+lpips or streaming load only when the piece that needs them is used).
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "PixelDiT": "composer_prx.model.dit",
+    "DiTConfig": "composer_prx.model.dit",
+    "PRXModel": "composer_prx.model.pipeline",
+    "FlowOutput": "composer_prx.model.pipeline",
+    "TextEncoder": "composer_prx.model.text",
+    "Tread": "composer_prx.algorithms.tread",
+    "Muon": "composer_prx.optim.muon",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'composer_prx' has no attribute {name!r}")

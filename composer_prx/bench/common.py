@@ -1,0 +1,60 @@
+"""Shared pieces of the benchmarks: the reference geometry, a fixed batch, medians, matmul peak."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from composer_prx.model.dit import DiTConfig, PixelDiT
+from composer_prx.model.pipeline import PRXModel
+
+# The foundation issue's reference geometry (PRX measured 4.2 s / step here at ~63% of matmul peak).
+REFERENCE = dict(patch_size=16, hidden_dim=384, depth=12, num_heads=6, mlp_ratio=3.5, text_dim=2304)
+REFERENCE_RESOLUTION = 256
+REFERENCE_TEXT_TOKENS = 256
+REFERENCE_BATCH = 8
+
+
+def reference_model(seed: int = 0, **overrides) -> PRXModel:
+    """PRXModel around the reference PixelDiT, fed precomputed text embeddings (no encoder)."""
+    torch.manual_seed(seed)
+    return PRXModel(PixelDiT(DiTConfig(**(REFERENCE | overrides))), None, caption_dropout=0.0)
+
+
+def reference_batch(batch: int = REFERENCE_BATCH, resolution: int = REFERENCE_RESOLUTION,
+                    text_tokens: int = REFERENCE_TEXT_TOKENS, text_dim: int = 2304, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.rand(batch, 3, resolution, resolution, generator=gen) * 2 - 1,
+        "text_emb": torch.randn(batch, text_tokens, text_dim, generator=gen),
+        "text_mask": torch.ones(batch, text_tokens, dtype=torch.bool),
+    }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of a plain size x size matmul in this process."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def bare_step(model: PRXModel, optimizer: torch.optim.Optimizer, batch: dict) -> None:
+    """One training step without Composer: forward, flow loss, backward, optimizer step."""
+    loss = model.loss(model(batch), batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

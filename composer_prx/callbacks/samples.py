@@ -1,0 +1,129 @@
+"""SampleGrid: image grids at fixed prompts and seeds, written as PNG into the run folder.
+
+Generation runs on every rank (a sharded model needs all of them); rank 0 writes the file. When
+Composer's EMA algorithm is present, samples use the EMA weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from composer.core import Callback, Event, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ema_weights(state: State):
+    """Swap Composer's EMA weights into the model for the duration (no-op without EMA)."""
+    from composer.algorithms import EMA
+
+    ema = next((a for a in state.algorithms if isinstance(a, EMA)), None)
+    if ema is None or ema.ema_model is None or not ema.ema_started:
+        yield
+        return
+    was_active = ema.ema_weights_active
+    ema._ensure_ema_weights_active(state)  # the same swap Composer does at EVAL_START
+    try:
+        yield
+    finally:
+        if not was_active:
+            ema._ensure_training_weights_active(state)
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
+    """[B, 3, H, W] in [0, 1] -> uint8 [rows*H, cols*W, 3] with a 2-px white gutter."""
+    b, _, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / columns)
+    gap = 2
+    grid = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i, image in enumerate(pixels):
+        r, c = divmod(i, columns)
+        grid[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = image
+    return grid
+
+
+def save_png(pixels: np.ndarray, path: str | Path, upscale: int = 1) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels)
+    if upscale > 1:
+        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+    image.save(path)
+    return path
+
+
+class SampleGrid(Callback):
+    """Every `interval` and at the end of training, sample `prompts` (each with `seeds`) into a PNG grid."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        folder: str = "./runs/{run_name}/samples",
+        interval: str | None = "500ba",
+        size: int = 256,
+        steps: int = 25,
+        guidance: str = "cfg",
+        guidance_scale: float = 4.0,
+        seeds: list[int] | None = None,
+        upscale: int = 1,
+    ):
+        if not prompts:
+            raise ValueError("SampleGrid needs at least one prompt")
+        if steps < 1:
+            raise ValueError(f"SampleGrid.steps must be >= 1, got {steps}")
+        self.prompts = list(prompts)
+        self.folder = folder
+        self.interval = Time.from_timestring(interval) if interval else None
+        if self.interval is not None and self.interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH):
+            raise ValueError(f"SampleGrid.interval must be in batches or epochs ('500ba', '1ep'), got {interval!r}")
+        self.size, self.steps = size, steps
+        self.guidance, self.guidance_scale = guidance, guidance_scale
+        self.seeds = list(seeds or [0])
+        self.upscale = upscale
+        self.written: list[Path] = []
+
+    def _due(self, state: State, event: Event) -> bool:
+        if self.interval is None:
+            return False
+        unit = self.interval.unit
+        if (unit == TimeUnit.BATCH) != (event == Event.BATCH_END):
+            return False
+        return state.timestamp.get(unit).value % self.interval.value == 0
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._due(state, Event.BATCH_END):
+            self.write(state, logger, f"ba{int(state.timestamp.batch):07d}")
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        if self._due(state, Event.EPOCH_END):
+            self.write(state, logger, f"ep{int(state.timestamp.epoch):04d}")
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.write(state, logger, "final")
+
+    def write(self, state: State, logger: Logger, tag: str) -> Path | None:
+        model = state.model
+        images = []
+        with ema_weights(state):
+            for seed in self.seeds:
+                images.append(model.generate(self.prompts, size=self.size, steps=self.steps, guidance=self.guidance,
+                                             guidance_scale=self.guidance_scale, seed=seed))
+        grid = image_grid(torch.cat(images), columns=len(self.prompts))
+        if dist.get_global_rank() != 0:
+            return None
+        path = save_png(grid, Path(self.folder.format(run_name=state.run_name)) / f"{tag}.png", self.upscale)
+        self.written.append(path)
+        log.info("wrote sample grid %s", path)
+        return path

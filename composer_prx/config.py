@@ -1,0 +1,320 @@
+"""One YAML -> one strict, typed training config, plus the name registries of every component.
+
+    yaml (+ key=value overrides, ${variables.x} interpolation)
+      -> TrainConfig (dataclasses; unknown keys fail listing the valid ones, values type-checked,
+         time strings parsed)  -> component kwargs checked against the registered builder's signature
+
+Components are chosen by registry name (`ema`, `gradient_clipping`, `tread`, `muon`, `speed_monitor`,
+`samples`, ...), never by import path.  Registry entries are "module:attribute" strings resolved on use,
+so optional extras load only when a config names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, with the offending key and the fix in the message."""
+
+
+ALGORITHMS = {
+    "ema": "composer.algorithms:EMA",
+    "gradient_clipping": "composer.algorithms:GradientClipping",
+    "tread": "composer_prx.algorithms.tread:Tread",
+}
+CALLBACKS = {
+    "speed_monitor": "composer.callbacks:SpeedMonitor",
+    "lr_monitor": "composer.callbacks:LRMonitor",
+    "memory_monitor": "composer.callbacks:MemoryMonitor",
+    "runtime_estimator": "composer.callbacks:RuntimeEstimator",
+    "samples": "composer_prx.callbacks.samples:SampleGrid",
+    "shapes_eval": "composer_prx.callbacks.quality:ShapesEval",
+}
+LOGGERS = {
+    "file": "composer.loggers:FileLogger",
+    "wandb": "composer.loggers:WandBLogger",
+    "tensorboard": "composer.loggers:TensorboardLogger",
+    "mlflow": "composer.loggers:MLFlowLogger",
+}
+OPTIMIZERS = {
+    "adamw": "composer_prx.optim.muon:build_adamw",
+    "muon": "composer_prx.optim.muon:build_muon",
+}
+SCHEDULERS = {
+    "constant": "composer.optim:ConstantScheduler",
+    "constant_with_warmup": "composer.optim:ConstantWithWarmupScheduler",
+    "cosine_with_warmup": "composer.optim:CosineAnnealingWithWarmupScheduler",
+    "linear_with_warmup": "composer.optim:LinearWithWarmupScheduler",
+}
+DATASETS = {
+    "shapes": "composer_prx.train:shapes_dataloader",
+    "mds": "composer_prx.data.dataset:build_dataloader",
+}
+REGISTRIES = {
+    "algorithms": ALGORITHMS,
+    "callbacks": CALLBACKS,
+    "loggers": LOGGERS,
+    "optimizer": OPTIMIZERS,
+    "scheduler": SCHEDULERS,
+    "data": DATASETS,
+}
+# Arguments the trainer fills in itself; a YAML must not set them.
+INJECTED = {"data": {"batch_size", "seed", "patch_size", "resolution"}, "optimizer": {"model"}}
+
+
+def resolve(registry: str, name: str) -> Any:
+    """Registry name -> the class or builder it names."""
+    table = REGISTRIES[registry]
+    if name not in table:
+        raise ConfigError(f"unknown {registry} name {name!r}; registered names: {sorted(table)}")
+    module, attr = table[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# ---- schema ---------------------------------------------------------------------------------------
+@dataclass
+class DiTSection:
+    patch_size: int = 32
+    hidden_dim: int = 1152
+    depth: int = 16
+    num_heads: int = 16
+    mlp_ratio: float = 3.5
+    bottleneck_dim: int = 256
+    text_dim: int = 2304
+    in_channels: int = 3
+    rope_theta: float = 100.0
+
+
+@dataclass
+class TextEncoderSection:
+    name_or_path: str = "google/t5gemma-2b-2b-ul2"
+    max_length: int = 256
+
+
+@dataclass
+class TimeSamplingSection:
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 1.0
+    uniform_mix: float = 0.0
+
+
+@dataclass
+class ModelSection:
+    dit: DiTSection = field(default_factory=DiTSection)
+    text_encoder: TextEncoderSection | None = field(default_factory=TextEncoderSection)
+    time_sampling: TimeSamplingSection = field(default_factory=TimeSamplingSection)
+    caption_dropout: float = 0.1
+    t_min: float = 0.05
+    eval_t_values: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    init_seed: int | None = None
+
+
+@dataclass
+class DataSection:
+    train: dict[str, Any]
+    global_batch_size: int
+    eval: dict[str, Any] | None = None
+    eval_batch_size: int | None = None
+    resolution: int = 512
+
+
+@dataclass
+class TrainerSection:
+    max_duration: str
+    device: str | None = None
+    precision: str = "fp32"
+    device_train_microbatch_size: int | str | None = None
+    eval_interval: str = "1ep"
+    eval_subset_num_batches: int = -1
+    save_interval: str = "1ep"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: str | None = None
+    progress_bar: bool = True
+    log_to_console: bool = False
+    console_log_interval: str = "100ba"
+    fsdp: dict[str, Any] | None = None
+    compile: bool = False
+    dist_timeout: float = 300.0
+
+
+@dataclass
+class TrainConfig:
+    run_name: str
+    model: ModelSection
+    data: DataSection
+    optimizer: dict[str, Any]
+    trainer: TrainerSection
+    run_dir: str = "./runs"
+    seed: int = 17
+    scheduler: dict[str, Any] | None = None
+    algorithms: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    loggers: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    variables: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_folder(self) -> Path:
+        return Path(self.run_dir) / self.run_name
+
+
+TIME_FIELDS = {"max_duration", "eval_interval", "save_interval", "console_log_interval"}
+CHOICES = {"precision": ("fp32", "amp_bf16", "amp_fp16"), "device": ("cpu", "gpu", "mps", None)}
+
+
+# ---- checking -------------------------------------------------------------------------------------
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """A small structural type check for YAML values (int accepted where float is expected)."""
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (dict, typing.Mapping) or annotation is dict:
+        return isinstance(value, dict)
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        args = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "") if not isinstance(annotation, type) else annotation.__name__
+
+
+def _check_time(value: Any, where: str) -> None:
+    from composer.core import Time
+
+    try:
+        Time.from_timestring(str(value))
+    except ValueError as err:
+        raise ConfigError(
+            f"{where}: {value!r} is not a time string; use an integer with a unit, e.g. '100ba', '2ep', "
+            f"'0.5dur', '1000sp' ({err})"
+        ) from err
+
+
+def build_section(cls: type, data: Any, where: str) -> Any:
+    """dict -> dataclass cls, strictly: unknown keys, missing keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {where + '.' if where else ''}{unknown[0]}; valid keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key {key}")
+            continue
+        value, annotation = data[name], hints[name]
+        section_types = [a for a in (typing.get_args(annotation) or (annotation,)) if dataclasses.is_dataclass(a)]
+        if section_types and value is not None:
+            kwargs[name] = build_section(section_types[0], value, key)
+            continue
+        if not _type_ok(value, annotation):
+            raise ConfigError(f"{key} must be {_type_name(annotation)}, got {value!r} ({type(value).__name__})")
+        if name in TIME_FIELDS and value is not None:
+            _check_time(value, key)
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ConfigError(f"{key} must be one of {CHOICES[name]}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def check_kwargs(target: Any, kwargs: dict[str, Any], where: str, injected: set[str] = frozenset()) -> None:
+    """Check YAML kwargs against a component's signature: unknown names, missing ones, wrong types."""
+    signature = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except (NameError, TypeError):
+        hints = {}
+    params = {n: p for n, p in signature.parameters.items() if n != "self"}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    valid = sorted(n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in injected)
+    for name, value in kwargs.items():
+        if name in injected:
+            raise ConfigError(f"{where}.{name} is set by the trainer; remove it from the config")
+        if name not in params:
+            if accepts_any:
+                continue
+            raise ConfigError(f"unknown key {where}.{name}; valid keys here: {valid}")
+        annotation = hints.get(name, params[name].annotation)
+        if not _type_ok(value, annotation):
+            raise ConfigError(f"{where}.{name} must be {_type_name(annotation)}, got {value!r}")
+        if isinstance(value, str) and name in ("half_life", "update_interval", "ema_start", "t_warmup", "t_max",
+                                               "interval", "every"):
+            _check_time(value, f"{where}.{name}")
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in kwargs and n not in injected]
+    if missing:
+        raise ConfigError(f"{where} is missing required key(s) {missing}")
+
+
+def _split_component(spec: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    if "name" not in spec:
+        raise ConfigError(f"{where} needs a 'name' key choosing the component")
+    rest = {k: v for k, v in spec.items() if k != "name"}
+    return spec["name"], rest
+
+
+def check_components(cfg: TrainConfig) -> None:
+    """Every named component exists and its kwargs fit its signature (before anything is built)."""
+    for registry, spec, where in (("optimizer", cfg.optimizer, "optimizer"),
+                                  ("scheduler", cfg.scheduler, "scheduler"),
+                                  ("data", cfg.data.train, "data.train"),
+                                  ("data", cfg.data.eval, "data.eval")):
+        if spec is None:
+            continue
+        name, kwargs = _split_component(spec, where)
+        check_kwargs(resolve(registry, name), kwargs, f"{where} ({name})", INJECTED.get(registry, set()))
+    for registry in ("algorithms", "callbacks", "loggers"):
+        for name, kwargs in getattr(cfg, registry).items():
+            check_kwargs(resolve(registry, name), kwargs or {}, f"{registry}.{name}")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML, apply key=value overrides, resolve ${...}, and check everything strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; the shipped configs are in yamls/")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. trainer.max_duration=10ba)")
+    try:
+        conf = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(conf, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {err}") from err
+    cfg = build_section(TrainConfig, data, "")
+    check_components(cfg)
+    return cfg
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (written next to the checkpoints)."""
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))

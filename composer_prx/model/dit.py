@@ -1,0 +1,269 @@
+"""PixelDiT: a pixel-space diffusion transformer that predicts the clean image (JiT, Li & He 2025).
+
+    image [B,3,H,W] --patchify p--> [B,N,3p^2] --Linear--> [B,N,256] --Linear--> [B,N,C]
+          --blocks: x = block(x, ctx) for each block--> adaLN final layer --> [B,N,3p^2] --> x_pred [B,3,H,W]
+
+Each block: adaLN-zero modulation from the timestep embedding, self-attention in which image tokens
+(queries) attend to [text tokens; image tokens] (keys/values), QK RMSNorm, 2D RoPE on image tokens,
+then a GELU MLP.
+
+Denoiser protocol (what TREAD, REPA and other algorithms rely on, DESIGN.md contract 3):
+`denoiser.blocks` is an nn.ModuleList, each block is called as `block(x, ctx)` with x [B, N, C] image
+tokens and `ctx` a `BlockContext` whose `select(idx [B, K])` restricts the per-token fields (RoPE) to
+those tokens; per-image fields (timestep embedding, text tokens) pass through unchanged.
+`denoiser.routing` is None unless an algorithm routes tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class DiTConfig:
+    """Shape of the denoiser."""
+
+    patch_size: int = 32
+    hidden_dim: int = 1152
+    depth: int = 16
+    num_heads: int = 16
+    mlp_ratio: float = 3.5
+    bottleneck_dim: int = 256
+    text_dim: int = 2304
+    in_channels: int = 3
+    time_freq_dim: int = 256
+    rope_theta: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by num_heads {self.num_heads}")
+        if (self.hidden_dim // self.num_heads) % 4:
+            raise ValueError(
+                f"head dim {self.hidden_dim // self.num_heads} must be a multiple of 4 for 2D RoPE; "
+                "change hidden_dim or num_heads"
+            )
+        for name in ("patch_size", "depth", "bottleneck_dim", "text_dim", "in_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DiTConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(round(self.hidden_dim * self.mlp_ratio))
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+
+@dataclass
+class BlockContext:
+    """What every block receives besides the image tokens.
+
+    temb [B, C] and text [B, T, C] (+ text_mask [B, T], True = real token) are per image;
+    rope_cos / rope_sin [B or 1, N, head_dim] are per token and follow `select`.
+    """
+
+    temb: Tensor
+    text: Tensor
+    text_mask: Tensor | None
+    rope_cos: Tensor
+    rope_sin: Tensor
+
+    def select(self, idx: Tensor) -> BlockContext:
+        """Restrict per-token fields to idx [B, K] (token indices into the current N)."""
+        batch = idx.shape[0]
+        gather_idx = idx.unsqueeze(-1).expand(-1, -1, self.rope_cos.shape[-1])
+        cos = self.rope_cos.expand(batch, -1, -1).gather(1, gather_idx)
+        sin = self.rope_sin.expand(batch, -1, -1).gather(1, gather_idx)
+        return replace(self, rope_cos=cos, rope_sin=sin)
+
+
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """[B, C, H, W] -> [B, (H/p)(W/p), C p p]."""
+    b, c, h, w = images.shape
+    if h % patch or w % patch:
+        raise ValueError(
+            f"image size {h}x{w} is not a multiple of the patch size {patch}; resize or crop to a multiple of {patch}"
+        )
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpatchify(tokens: Tensor, patch: int, height: int, width: int) -> Tensor:
+    """[B, (H/p)(W/p), C p p] -> [B, C, H, W]."""
+    b, _, dim = tokens.shape
+    c = dim // (patch * patch)
+    gh, gw = height // patch, width // patch
+    x = tokens.reshape(b, gh, gw, c, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """2D RoPE tables [1, N, head_dim]: half the rotary pairs follow the row, half the column.
+
+    Angles a = pos * theta^(-k / (head_dim/4)); pairs are (d, d + head_dim/2) ("rotate half").
+    Positions are patch indices centred on the grid.
+    """
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)  # [hd/4]
+    rows = torch.arange(grid_h, device=device, dtype=torch.float32) - (grid_h - 1) / 2
+    cols = torch.arange(grid_w, device=device, dtype=torch.float32) - (grid_w - 1) / 2
+    pos_r, pos_c = torch.meshgrid(rows, cols, indexing="ij")  # [gh, gw]
+    angles = torch.cat([pos_r.reshape(-1, 1) * freqs, pos_c.reshape(-1, 1) * freqs], dim=-1)  # [N, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [N, hd]
+    return angles.cos().unsqueeze(0), angles.sin().unsqueeze(0)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, N, D] rotated by cos/sin [B, N, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of 1000 t: [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float().unsqueeze(1) * freqs.unsqueeze(0)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-zero transformer block; image queries attend to [text; image] keys and values."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.hidden_dim
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.text_kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.fc1 = nn.Linear(dim, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, dim)
+        self.modulation = nn.Linear(dim, 6 * dim)
+        self.tokens_seen = 0  # image tokens per sample in the last call (for honest FLOP counts)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """[B, N, C] -> [B, H, N, D]."""
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
+        b, n, c = x.shape
+        self.tokens_seen = n
+        mod = self.modulation(F.silu(ctx.temb)).unsqueeze(1)  # [B, 1, 6C]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+
+        h = torch.addcmul(shift1, self.norm1(x), 1 + scale1)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        q = apply_rope(self.q_norm(self._heads(q)), ctx.rope_cos, ctx.rope_sin)
+        k = apply_rope(self.k_norm(self._heads(k)), ctx.rope_cos, ctx.rope_sin)
+        text_k, text_v = self.text_kv(ctx.text).chunk(2, dim=-1)
+        k = torch.cat([self.k_norm(self._heads(text_k)), k], dim=2)  # [B, H, T + N, D]
+        v = torch.cat([self._heads(text_v), self._heads(v)], dim=2)
+        mask = None
+        if ctx.text_mask is not None:
+            image_mask = ctx.text_mask.new_ones(b, n)
+            mask = torch.cat([ctx.text_mask, image_mask], dim=1)[:, None, None, :]  # [B, 1, 1, T + N]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(b, n, c))
+
+        h = torch.addcmul(shift2, self.norm2(x), 1 + scale2)
+        return x + gate2 * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
+    def matmul_flops(self, batch: int, n_img: int, n_txt: int) -> int:
+        """Forward matmul FLOPs (2 per multiply-add) for one call with n_img image tokens."""
+        c, m = self.proj.in_features, self.fc1.out_features
+        linear = 2 * batch * (n_img * c * (3 * c + c + 2 * m) + n_txt * c * 2 * c)
+        attention = 2 * 2 * batch * n_img * (n_txt + n_img) * c
+        return linear + attention
+
+
+class PixelDiT(nn.Module):
+    """x-prediction denoiser on pixels: forward(x_t [B,3,H,W], t [B], text [B,T,Ct], text_mask) -> x_pred."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.hidden_dim
+        self.patch_in = nn.Linear(cfg.patch_dim, cfg.bottleneck_dim, bias=False)
+        self.patch_proj = nn.Linear(cfg.bottleneck_dim, dim)
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text_norm = nn.RMSNorm(cfg.text_dim, eps=1e-6)
+        self.text_proj = nn.Linear(cfg.text_dim, dim)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Linear(dim, 2 * dim)
+        self.final_proj = nn.Linear(dim, cfg.patch_dim)
+        self.routing = None  # published by token-routing algorithms (DESIGN.md contract 4)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier linears; zero adaLN modulations and output layer (adaLN-zero: blocks start as identity)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation.weight)
+            nn.init.zeros_(block.modulation.bias)
+        for layer in (self.final_modulation, self.final_proj):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def context(self, t: Tensor, text: Tensor, text_mask: Tensor | None, grid_h: int, grid_w: int) -> BlockContext:
+        """Build the block context: timestep embedding, projected text, RoPE tables."""
+        if text.shape[-1] != self.cfg.text_dim:
+            raise ValueError(
+                f"text embeddings have width {text.shape[-1]} but the denoiser expects text_dim="
+                f"{self.cfg.text_dim}; set model.dit.text_dim to the text encoder's hidden size"
+            )
+        dtype = self.patch_proj.weight.dtype
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.time_freq_dim).to(dtype))
+        text_tokens = self.text_proj(self.text_norm(text))
+        if text_mask is not None:
+            text_mask = text_mask.bool()
+            if bool(text_mask.all()):
+                text_mask = None
+        cos, sin = rope_2d(grid_h, grid_w, self.cfg.head_dim, self.cfg.rope_theta, t.device)
+        return BlockContext(temb=temb, text=text_tokens, text_mask=text_mask, rope_cos=cos, rope_sin=sin)
+
+    def forward(self, x_t: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        _, _, height, width = x_t.shape
+        p = self.cfg.patch_size
+        x = self.patch_proj(self.patch_in(patchify(x_t, p)))  # [B, N, C]
+        ctx = self.context(t, text, text_mask, height // p, width // p)
+        for block in self.blocks:
+            x = block(x, ctx)
+        shift, scale = self.final_modulation(F.silu(ctx.temb)).unsqueeze(1).chunk(2, dim=-1)
+        x = self.final_proj(torch.addcmul(shift, self.final_norm(x), 1 + scale))
+        return unpatchify(x, p, height, width)
+
+    def matmul_flops(self, batch: int, n_img: int, n_txt: int, tokens_per_block: list[int] | None = None) -> int:
+        """Forward matmul FLOPs; tokens_per_block gives the image tokens each block processed (routing)."""
+        cfg = self.cfg
+        tokens_per_block = tokens_per_block or [n_img] * len(self.blocks)
+        flops = 2 * batch * n_img * (cfg.patch_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * cfg.hidden_dim)
+        flops += 2 * batch * n_txt * cfg.text_dim * cfg.hidden_dim
+        flops += 2 * batch * n_img * cfg.hidden_dim * cfg.patch_dim
+        for block, n in zip(self.blocks, tokens_per_block):
+            flops += block.matmul_flops(batch, n, n_txt)
+        return flops

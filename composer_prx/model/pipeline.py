@@ -1,0 +1,243 @@
+"""PRXModel: the ComposerModel that trains a pixel-space x-prediction denoiser with flow matching.
+
+    batch {"image" [B,3,H,W] in [-1,1], "caption" list[str] | "text_emb" [B,T,C] + "text_mask" [B,T]}
+      -> text (frozen encoder, caption dropout to "no text")  -> t ~ logit-normal, eps ~ N(0, I)
+      -> x_t = (1-t) x + t eps -> x_pred = denoiser(x_t, t, text) -> v_pred = (x_t - x_pred)/max(t, 0.05)
+      -> FlowOutput (read by algorithms from state.outputs) -> loss = mean ||v_pred - (eps - x)||^2
+
+The dropped ("null") prompt is the empty text: every text token masked out, so unconditional
+predictions see the image tokens alone.  The same null prompt serves classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from composer.models import ComposerModel
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from composer_prx import flow
+from composer_prx.model.text import TextEncoder
+
+GUIDANCE_MODES = ("none", "cfg", "tread")
+
+
+@dataclass
+class FlowOutput:
+    """What one training forward computed; algorithms read it instead of recomputing (contract 1)."""
+
+    x: Tensor  # [B, 3, H, W] clean target in [-1, 1]
+    x_t: Tensor  # [B, 3, H, W] noised input
+    t: Tensor  # [B]
+    x_pred: Tensor  # [B, 3, H, W]
+    v_pred: Tensor  # [B, 3, H, W]
+    v_target: Tensor  # [B, 3, H, W]
+    text: Tensor  # [B, T, C] text embeddings given to the denoiser
+    text_mask: Tensor  # [B, T] bool, False where padded or dropped
+
+
+class BinnedFlowLoss(Metric):
+    """Mean validation v-loss at one fixed timestep (or over all bins when t_value is None)."""
+
+    full_state_update = False
+
+    def __init__(self, t_value: float | None = None):
+        super().__init__()
+        self.t_value = t_value
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, per_sample: Tensor) -> None:
+        self.total += per_sample.detach().double().sum()
+        self.count += per_sample.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+class PRXModel(ComposerModel):
+    """Flow-matching text-to-image model around any denoiser(x_t, t, text, text_mask) -> x_pred.
+
+    The text encoder is a frozen helper held outside the module tree (not in state_dict, not in the
+    optimizer, not sharded); batches with precomputed "text_emb" need none.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        text_encoder: TextEncoder | None = None,
+        *,
+        time_sampling: flow.TimeSampling = flow.TimeSampling(),
+        caption_dropout: float = 0.1,
+        t_min: float = flow.T_MIN,
+        eval_t_values: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
+        eval_seed: int = 1234,
+    ):
+        super().__init__()
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if not 0.0 < t_min < 1.0:
+            raise ValueError(f"t_min must be in (0, 1), got {t_min}")
+        if any(not 0.0 < t <= 1.0 for t in eval_t_values):
+            raise ValueError(f"eval_t_values must lie in (0, 1], got {eval_t_values}")
+        patch = getattr(getattr(denoiser, "cfg", None), "patch_size", None)
+        self.patch_size: int = patch or 1
+        self.denoiser = denoiser
+        self._frozen = {"text_encoder": text_encoder}  # a plain dict: not a submodule (contract 5)
+        self.time_sampling = time_sampling
+        self.caption_dropout = caption_dropout
+        self.t_min = t_min
+        self.eval_t_values = tuple(eval_t_values)
+        self.eval_seed = eval_seed
+        self._last_text_len = 0
+        self.val_metrics = {"val_loss": BinnedFlowLoss()} | {
+            f"val_loss_t{t:.2f}": BinnedFlowLoss(t) for t in self.eval_t_values
+        }
+
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        return self._frozen["text_encoder"]
+
+    # ---- conditioning ---------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Prompts -> (text [B, T, C], mask [B, T]) with the frozen encoder."""
+        if self.text_encoder is None:
+            raise ValueError(
+                "this PRXModel has no text encoder, so it cannot encode captions; configure "
+                "model.text_encoder or give batches with precomputed 'text_emb' and 'text_mask'"
+            )
+        return self.text_encoder.encode(list(prompts), device=device)
+
+    def text_conditioning(self, batch: dict, device: torch.device) -> tuple[Tensor, Tensor]:
+        if "text_emb" in batch:
+            text = batch["text_emb"].to(device)
+            mask = batch.get("text_mask")
+            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device).bool()
+            return text, mask
+        if "caption" not in batch:
+            raise KeyError(f"batch needs 'caption' or 'text_emb'; it has keys {sorted(batch)}")
+        return self.encode_prompts(batch["caption"], device)
+
+    # ---- training -------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> FlowOutput:
+        x = batch["image"]
+        if x.dim() != 4:
+            raise ValueError(f"batch['image'] must be [B, C, H, W], got shape {tuple(x.shape)}")
+        b, device = x.shape[0], x.device
+        text, mask = self.text_conditioning(batch, device)
+        if self.training and self.caption_dropout > 0:
+            keep = torch.rand(b, device=device) >= self.caption_dropout
+            mask = mask & keep[:, None]
+        t = flow.sample_t(b, self.time_sampling, device=device)
+        eps = torch.randn_like(x)
+        return self._denoise(x, eps, t, text, mask)
+
+    def _denoise(self, x: Tensor, eps: Tensor, t: Tensor, text: Tensor, mask: Tensor) -> FlowOutput:
+        x_t = flow.add_noise(x, eps, t)
+        self._last_text_len = text.shape[1]
+        x_pred = self.denoiser(x_t, t, text, mask)
+        v_pred = flow.x_to_v(x_t, x_pred, t, self.t_min)
+        return FlowOutput(x=x, x_t=x_t, t=t, x_pred=x_pred, v_pred=v_pred, v_target=flow.v_target(x, eps),
+                          text=text, text_mask=mask)
+
+    def loss(self, outputs: FlowOutput, batch: dict) -> Tensor:
+        return flow.v_loss(outputs.v_pred, outputs.v_target)
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def eval_forward(self, batch: dict, outputs=None) -> dict[str, Tensor]:
+        """Per-sample v-loss at each fixed t in eval_t_values, with seeded noise (same every eval)."""
+        x = batch["image"]
+        b, device = x.shape[0], x.device
+        text, mask = self.text_conditioning(batch, device)
+        gen = torch.Generator(device=device).manual_seed(self.eval_seed)
+        losses = {}
+        for t_value in self.eval_t_values:
+            eps = torch.randn(x.shape, generator=gen, device=device, dtype=x.dtype)
+            t = torch.full((b,), t_value, device=device)
+            out = self._denoise(x, eps, t, text, mask)
+            losses[f"val_loss_t{t_value:.2f}"] = flow.v_loss(out.v_pred, out.v_target, reduction="none")
+        return losses
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return {} if is_train else self.val_metrics
+
+    def update_metric(self, batch: dict, outputs: dict[str, Tensor], metric: Metric) -> None:
+        if metric.t_value is None:
+            metric.update(torch.cat(list(outputs.values())))
+        else:
+            metric.update(outputs[f"val_loss_t{metric.t_value:.2f}"])
+
+    # ---- throughput -----------------------------------------------------------------------------
+    def flops_per_batch(self, batch: dict) -> int:
+        """Matmul FLOPs of forward + backward (3x forward), counting the tokens each block really saw."""
+        x = batch["image"]
+        b, _, h, w = x.shape
+        n_img = (h // self.patch_size) * (w // self.patch_size)
+        n_txt = batch["text_emb"].shape[1] if "text_emb" in batch else self._last_text_len
+        if not hasattr(self.denoiser, "matmul_flops"):
+            raise NotImplementedError("the denoiser has no matmul_flops(batch, n_img, n_txt, tokens_per_block)")
+        seen = [getattr(block, "tokens_seen", 0) or n_img for block in self.denoiser.blocks]
+        return 3 * self.denoiser.matmul_flops(b, n_img, n_txt, seen)
+
+    # ---- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str] | None = None,
+        size: int | tuple[int, int] = 256,
+        steps: int = 25,
+        guidance: str = "cfg",
+        guidance_scale: float = 4.0,
+        seed: int = 0,
+        method: str = "euler",
+        shift: float | None = None,
+        text: tuple[Tensor, Tensor] | None = None,
+        tread_route: tuple[int, int, float] = (1, -2, 0.5),
+    ) -> Tensor:
+        """Sample images [B, 3, H, W] in [0, 1] from prompts (or precomputed (text, mask)).
+
+        guidance: "none"; "cfg"  out = uncond + w (cond - uncond);
+        "tread" (self-guidance)  out = routed + w (dense - routed), both with the prompt,
+        routed = the denoiser with tokens routed over tread_route = (start, end, ratio).
+        """
+        if guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
+        height, width = (size, size) if isinstance(size, int) else size
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"size {height}x{width} must be a multiple of the patch size {self.patch_size}")
+        device = next(self.denoiser.parameters()).device
+        if text is None:
+            if prompts is None:
+                raise ValueError("generate needs prompts or precomputed text=(emb, mask)")
+            text = self.encode_prompts(prompts, device)
+        cond, cond_mask = text[0].to(device), text[1].to(device).bool()
+        b = cond.shape[0]
+        gen = torch.Generator(device=device).manual_seed(seed)
+        noise = torch.randn((b, 3, height, width), generator=gen, device=device)
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            if guidance == "none":
+                return self.denoiser(x_t, t, cond, cond_mask)
+            if guidance == "cfg":
+                both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]),
+                                     torch.cat([cond_mask, torch.zeros_like(cond_mask)]))
+                x_cond, x_uncond = both.chunk(2)
+                return flow.guide(x_cond, x_uncond, guidance_scale)
+            from composer_prx.algorithms.tread import tread_routing
+
+            dense = self.denoiser(x_t, t, cond, cond_mask)
+            start, end, ratio = tread_route
+            with tread_routing(self.denoiser, start, end, ratio, generator=gen):
+                routed = self.denoiser(x_t, t, cond, cond_mask)
+            return flow.guide(dense, routed, guidance_scale)
+
+        was_training = self.training
+        self.eval()
+        try:
+            shift = self.time_sampling.shift if shift is None else shift
+            images = flow.sample(denoise, noise, steps, shift=shift, method=method)
+        finally:
+            self.train(was_training)
+        return ((images.clamp(-1, 1) + 1) / 2).float()

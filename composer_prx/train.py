@@ -1,0 +1,145 @@
+"""python -m composer_prx.train CONFIG.yaml [key=value ...]   (or: composer -n N -m composer_prx.train ...)
+
+Builds everything from one strict config (composer_prx.config) and runs Composer's Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from composer import Trainer
+from composer.utils import dist, reproducibility
+
+from composer_prx import config as C
+from composer_prx.flow import TimeSampling
+from composer_prx.model.dit import DiTConfig, PixelDiT
+from composer_prx.model.pipeline import PRXModel
+from composer_prx.model.text import load_text_encoder
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: C.TrainConfig) -> PRXModel:
+    """PixelDiT + frozen text encoder -> PRXModel (weights seeded by model.init_seed or seed)."""
+    m = cfg.model
+    reproducibility.seed_all(m.init_seed if m.init_seed is not None else cfg.seed)
+    denoiser = PixelDiT(DiTConfig(**vars(m.dit)))
+    encoder = None
+    if m.text_encoder is not None:
+        encoder = load_text_encoder(m.text_encoder.name_or_path, m.text_encoder.max_length)
+        if encoder.hidden_size != m.dit.text_dim:
+            raise C.ConfigError(
+                f"model.dit.text_dim is {m.dit.text_dim} but the text encoder {m.text_encoder.name_or_path!r} "
+                f"has hidden size {encoder.hidden_size}; set model.dit.text_dim={encoder.hidden_size}"
+            )
+    return PRXModel(denoiser, encoder, time_sampling=TimeSampling(**vars(m.time_sampling)),
+                    caption_dropout=m.caption_dropout, t_min=m.t_min, eval_t_values=tuple(m.eval_t_values))
+
+
+def shapes_dataloader(root: str, batch_size: int, resolution: int, patch_size: int, seed: int,
+                      n_train: int = 20000, num_workers: int = 0, shuffle: bool = True):
+    """The embedded default data: write the shapes MDS set and its tiny text encoder once, then stream it."""
+    from composer_prx.data.dataset import build_dataloader as mds_dataloader
+    from composer_prx.data.shapes import caption_texts, write_shapes_mds
+    from composer_prx.model.text import save_word_level_encoder
+
+    if dist.get_local_rank() == 0:
+        write_shapes_mds(root, n_train=n_train, size=resolution, seed=seed)
+        encoder_dir = Path(root) / "text_encoder"
+        if not (encoder_dir / "config.json").is_file():
+            save_word_level_encoder(encoder_dir, caption_texts(), seed=seed)
+    dist.barrier()
+    return mds_dataloader(None, str(Path(root) / "train"), batch_size, resolution, patch_size, shuffle=shuffle,
+                          seed=seed, num_workers=num_workers)
+
+
+def build_dataloader(cfg: C.TrainConfig, spec: dict, batch_size: int, split: str):
+    """A registered data builder with the trainer-owned arguments filled in."""
+    name, kwargs = C._split_component(spec, f"data.{split}")
+    world = dist.get_world_size()
+    if batch_size % world:
+        raise C.ConfigError(f"data batch size {batch_size} is not divisible by the world size {world}")
+    builder = C.resolve("data", name)
+    return builder(batch_size=batch_size // world, seed=cfg.seed, patch_size=cfg.model.dit.patch_size,
+                   resolution=cfg.data.resolution, **kwargs)
+
+
+def build_trainer(cfg: C.TrainConfig) -> Trainer:
+    """Config -> data, model, optimizer, algorithms, callbacks, loggers -> composer.Trainer."""
+    folder = cfg.run_folder
+    train_loader = build_dataloader(cfg, cfg.data.train, cfg.data.global_batch_size, "train")
+    eval_loader = None
+    if cfg.data.eval is not None:
+        eval_loader = build_dataloader(cfg, cfg.data.eval, cfg.data.eval_batch_size or cfg.data.global_batch_size,
+                                       "eval")
+    model = build_model(cfg)
+    opt_name, opt_kwargs = C._split_component(cfg.optimizer, "optimizer")
+    optimizer = C.resolve("optimizer", opt_name)(model, **opt_kwargs)
+    schedulers = None
+    if cfg.scheduler is not None:
+        name, kwargs = C._split_component(cfg.scheduler, "scheduler")
+        schedulers = C.resolve("scheduler", name)(**kwargs)
+    algorithms = [C.resolve("algorithms", n)(**(kw or {})) for n, kw in cfg.algorithms.items()]
+    callbacks = [C.resolve("callbacks", n)(**(kw or {})) for n, kw in cfg.callbacks.items()]
+    loggers = [C.resolve("loggers", n)(**(kw or {})) for n, kw in cfg.loggers.items()]
+    t = cfg.trainer
+    if t.compile:
+        model.denoiser.compile()
+    if dist.get_global_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(C.to_yaml(cfg))
+    return Trainer(
+        run_name=cfg.run_name,
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=eval_loader,
+        eval_interval=t.eval_interval,
+        eval_subset_num_batches=t.eval_subset_num_batches,
+        max_duration=t.max_duration,
+        optimizers=optimizer,
+        schedulers=schedulers,
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=loggers,
+        device=t.device,
+        precision=t.precision,
+        device_train_microbatch_size=t.device_train_microbatch_size,
+        parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
+        save_folder=str(folder / "checkpoints"),
+        save_interval=t.save_interval,
+        save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep,
+        save_overwrite=t.save_overwrite,
+        autoresume=t.autoresume,
+        load_path=t.load_path,
+        progress_bar=t.progress_bar,
+        log_to_console=t.log_to_console,
+        console_log_interval=t.console_log_interval,
+        dist_timeout=t.dist_timeout,
+        seed=cfg.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m composer_prx.train CONFIG.yaml [key=value ...]")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = C.load_config(argv[0], argv[1:])
+    except C.ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    for callback in trainer.state.callbacks:
+        summary = getattr(callback, "summary", None)
+        if summary and dist.get_global_rank() == 0:
+            print(summary())
+    trainer.close()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The strict config: every shipped YAML loads; bad keys, types and time strings fail clearly."""
+
+from pathlib import Path
+
+import pytest
+
+from composer_prx import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "yamls").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = C.load_config(path)
+    assert cfg.run_name and cfg.data.global_batch_size > 0
+
+
+def test_variables_and_overrides():
+    cfg = C.load_config(QUICKSTART, ["variables.size=64", "trainer.max_duration=7ba", "seed=3"])
+    assert cfg.data.resolution == 64 and cfg.callbacks["samples"]["size"] == 64
+    assert cfg.trainer.max_duration == "7ba" and cfg.seed == 3
+    assert "max_duration: 7ba" in C.to_yaml(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_durattion=10ba", r"unknown key trainer.max_durattion; valid keys here: \[.*'max_duration'"),
+        ("model.dit.hiden_dim=64", r"unknown key model.dit.hiden_dim; valid keys here: \[.*'hidden_dim'"),
+        ("model.dit.depth=four", r"model.dit.depth must be int, got 'four'"),
+        ("trainer.max_duration=10 batches", r"not a time string.*'100ba'"),
+        ("trainer.precision=bf16", r"trainer.precision must be one of"),
+        ("optimizer.name=sgd2", r"unknown optimizer name 'sgd2'; registered names: \['adamw', 'muon'\]"),
+        ("algorithms.ema.smoothingg=0.9", r"unknown key algorithms.ema.smoothingg; valid keys here: \[.*'smoothing'"),
+        ("algorithms.emaa={}", r"unknown algorithms name 'emaa'"),
+        ("algorithms.ema.update_interval=sometimes", r"algorithms.ema.update_interval.*not a time string"),
+        ("callbacks.samples.steps=many", r"callbacks.samples.steps must be int"),
+        ("data.train.batch_size=4", r"data.train \(shapes\).batch_size is set by the trainer"),
+        ("trainerr.device=cpu", r"unknown key trainerr; valid keys here"),
+    ],
+)
+def test_bad_config_fails_with_actionable_message(override, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load_config(QUICKSTART, [override])
+
+
+def test_missing_file_and_malformed_override(tmp_path):
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load_config(tmp_path / "nope.yaml")
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.load_config(QUICKSTART, ["trainer.max_duration"])
+
+
+def test_missing_required_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_name: x\nmodel: {}\noptimizer: {name: adamw}\ntrainer: {max_duration: 1ba}\n")
+    with pytest.raises(C.ConfigError, match="missing required key data"):
+        C.load_config(path)
+
+
+def test_composer_components_by_name():
+    from composer.algorithms import EMA
+    from composer.callbacks import SpeedMonitor
+
+    assert C.resolve("algorithms", "ema") is EMA
+    assert C.resolve("callbacks", "speed_monitor") is SpeedMonitor
