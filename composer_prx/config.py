@@ -161,6 +161,7 @@ class TrainConfig:
     run_dir: str = "./runs"
     seed: int = 17
     scheduler: dict[str, Any] | None = None
+    # name -> kwargs ({} for defaults); `name: null` (e.g. the override algorithms.ema=null) switches it off
     algorithms: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     callbacks: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     loggers: dict[str, dict[str, Any] | None] = field(default_factory=dict)
@@ -294,7 +295,7 @@ def check_components(cfg: TrainConfig) -> None:
         check_kwargs(resolve(registry, name), kwargs, f"{where} ({name})", INJECTED.get(registry, set()))
     for registry in ("algorithms", "callbacks", "loggers"):
         for name, kwargs in getattr(cfg, registry).items():
-            check_kwargs(resolve(registry, name), kwargs or {}, f"{registry}.{name}")
+            check_kwargs(resolve(registry, name), kwargs, f"{registry}.{name}")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -311,6 +312,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err}") from err
     cfg = build_section(TrainConfig, data, "")
+    for registry in ("algorithms", "callbacks", "loggers"):  # `name: null` switches a component off
+        setattr(cfg, registry, {k: v for k, v in getattr(cfg, registry).items() if v is not None})
     check_components(cfg)
     return cfg
 

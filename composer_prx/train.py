@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from composer import Trainer
-from composer.utils import dist, reproducibility
+from composer.utils import dist, get_device, reproducibility
 
 from composer_prx import config as C
+from composer_prx.callbacks.resume import ExactResume
 from composer_prx.flow import TimeSampling
 from composer_prx.model.dit import DiTConfig, PixelDiT
 from composer_prx.model.pipeline import PRXModel
@@ -70,6 +71,7 @@ def build_dataloader(cfg: C.TrainConfig, spec: dict, batch_size: int, split: str
 def build_trainer(cfg: C.TrainConfig) -> Trainer:
     """Config -> data, model, optimizer, algorithms, callbacks, loggers -> composer.Trainer."""
     folder = cfg.run_folder
+    dist.initialize_dist(get_device(cfg.trainer.device), timeout=cfg.trainer.dist_timeout)  # data prep may sync
     train_loader = build_dataloader(cfg, cfg.data.train, cfg.data.global_batch_size, "train")
     eval_loader = None
     if cfg.data.eval is not None:
@@ -82,9 +84,9 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
     if cfg.scheduler is not None:
         name, kwargs = C._split_component(cfg.scheduler, "scheduler")
         schedulers = C.resolve("scheduler", name)(**kwargs)
-    algorithms = [C.resolve("algorithms", n)(**(kw or {})) for n, kw in cfg.algorithms.items()]
-    callbacks = [C.resolve("callbacks", n)(**(kw or {})) for n, kw in cfg.callbacks.items()]
-    loggers = [C.resolve("loggers", n)(**(kw or {})) for n, kw in cfg.loggers.items()]
+    algorithms = [C.resolve("algorithms", n)(**kw) for n, kw in cfg.algorithms.items()]
+    callbacks = [C.resolve("callbacks", n)(**kw) for n, kw in cfg.callbacks.items()] + [ExactResume()]
+    loggers = [C.resolve("loggers", n)(**kw) for n, kw in cfg.loggers.items()]
     t = cfg.trainer
     if t.compile:
         model.denoiser.compile()

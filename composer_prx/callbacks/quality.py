@@ -14,7 +14,7 @@ import torch
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 
-from composer_prx.callbacks.samples import ema_weights, image_grid, save_png
+from composer_prx.callbacks.samples import ema_weights, image_grid, save_png, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class ShapesEval(Callback):
                 prompts = load_eval_prompts(self.root, n_objects)
                 stride = max(1, len(prompts) // self.max_prompts)  # an evenly spread, fixed subset
                 prompts = prompts[::stride][: self.max_prompts] * self.samples_per_prompt
-                scores, images = evaluate_shapes(state.model, prompts, self.size, self.steps, self.guidance,
+                scores, images = evaluate_shapes(unwrap(state.model), prompts, self.size, self.steps, self.guidance,
                                                  self.guidance_scale, self.seed, self.batch_size)
                 self.results[f"{n_objects}obj"] = scores
                 logger.log_metrics({f"shapes_eval/{n_objects}obj/{k}": v for k, v in scores.items()})

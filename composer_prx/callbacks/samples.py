@@ -38,6 +38,11 @@ def ema_weights(state: State):
             ema._ensure_training_weights_active(state)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The ComposerModel inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
     """[B, 3, H, W] in [0, 1] -> uint8 [rows*H, cols*W, 3] with a 2-px white gutter."""
     b, _, h, w = images.shape
@@ -114,7 +119,7 @@ class SampleGrid(Callback):
         self.write(state, logger, "final")
 
     def write(self, state: State, logger: Logger, tag: str) -> Path | None:
-        model = state.model
+        model = unwrap(state.model)
         images = []
         with ema_weights(state):
             for seed in self.seeds:
