@@ -298,6 +298,22 @@ def check_components(cfg: TrainConfig) -> None:
             check_kwargs(resolve(registry, name), kwargs, f"{registry}.{name}")
 
 
+def check_consistency(cfg: TrainConfig) -> None:
+    """Cross-key rules that no single key can check."""
+    from composer_prx.model.dit import DiTConfig
+
+    try:
+        DiTConfig(**vars(cfg.model.dit))
+    except ValueError as err:
+        raise ConfigError(f"model.dit: {err}") from err
+    patch, resolution = cfg.model.dit.patch_size, cfg.data.resolution
+    if resolution % patch:
+        raise ConfigError(f"data.resolution {resolution} is not a multiple of the patch size {patch} "
+                          f"(model.dit.patch_size); use e.g. data.resolution={max(patch, resolution // patch * patch)}")
+    if cfg.data.global_batch_size < 1:
+        raise ConfigError(f"data.global_batch_size must be >= 1, got {cfg.data.global_batch_size}")
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML, apply key=value overrides, resolve ${...}, and check everything strictly."""
     path = Path(path)
@@ -314,6 +330,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     cfg = build_section(TrainConfig, data, "")
     for registry in ("algorithms", "callbacks", "loggers"):  # `name: null` switches a component off
         setattr(cfg, registry, {k: v for k, v in getattr(cfg, registry).items() if v is not None})
+    check_consistency(cfg)
     check_components(cfg)
     return cfg
 

@@ -79,3 +79,22 @@ def test_two_ranks_with_composer_launcher(tmp_path, data_root):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "runs" / "ddp" / "checkpoints" / "latest-rank0.pt").exists()
     assert "ShapesEval held-out 1obj" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_durattion=1ba", "config error: unknown key trainer.max_durattion; valid keys here:"),
+        ("model.dit.patch_size=5", "config error: data.resolution 16 is not a multiple of the patch size 5"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(tmp_path, data_root, override, message):
+    cmd = [sys.executable, "-m", "composer_prx.train", QUICKSTART, *tiny_overrides(tmp_path, data_root), override]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_missing_text_encoder_weights_named(tmp_path, data_root):
+    with pytest.raises(OSError, match=r"text encoder weights '/no/such/encoder' could not be loaded"):
+        train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), "model.text_encoder.name_or_path=/no/such/encoder"])
