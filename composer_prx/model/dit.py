@@ -69,22 +69,18 @@ class BlockContext:
     """What every block receives besides the image tokens.
 
     temb [B, C] and text [B, T, C] (+ text_mask [B, T], True = real token) are per image;
-    rope_cos / rope_sin [B or 1, N, head_dim] are per token and follow `select`.
+    rope [B or 1, N, head_dim/2] (complex rotations) is per token and follows `select`.
     """
 
     temb: Tensor
     text: Tensor
     text_mask: Tensor | None
-    rope_cos: Tensor
-    rope_sin: Tensor
+    rope: Tensor
 
     def select(self, idx: Tensor) -> BlockContext:
         """Restrict per-token fields to idx [B, K] (token indices into the current N)."""
-        batch = idx.shape[0]
-        gather_idx = idx.unsqueeze(-1).expand(-1, -1, self.rope_cos.shape[-1])
-        cos = self.rope_cos.expand(batch, -1, -1).gather(1, gather_idx)
-        sin = self.rope_sin.expand(batch, -1, -1).gather(1, gather_idx)
-        return replace(self, rope_cos=cos, rope_sin=sin)
+        rope = self.rope.expand(idx.shape[0], -1, -1)
+        return replace(self, rope=rope.gather(1, idx.unsqueeze(-1).expand(-1, -1, rope.shape[-1])))
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
@@ -107,11 +103,12 @@ def unpatchify(tokens: Tensor, patch: int, height: int, width: int) -> Tensor:
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
 
 
-def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """2D RoPE tables [1, N, head_dim]: half the rotary pairs follow the row, half the column.
+def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device: torch.device) -> Tensor:
+    """2D RoPE as complex rotations [1, N, head_dim/2]: half the pairs turn with the row, half with the column.
 
-    Angles a = pos * theta^(-k / (head_dim/4)); pairs are (d, d + head_dim/2) ("rotate half").
-    Positions are patch indices centred on the grid.
+    Pair k of a head (dims 2k, 2k+1) turns by angle pos * theta^(-j / (head_dim/4)), pos = the token's
+    row for the first head_dim/4 pairs and its column for the rest. Positions are patch indices
+    centred on the grid.
     """
     quarter = head_dim // 4
     freqs = theta ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)  # [hd/4]
@@ -119,15 +116,13 @@ def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device: torch
     cols = torch.arange(grid_w, device=device, dtype=torch.float32) - (grid_w - 1) / 2
     pos_r, pos_c = torch.meshgrid(rows, cols, indexing="ij")  # [gh, gw]
     angles = torch.cat([pos_r.reshape(-1, 1) * freqs, pos_c.reshape(-1, 1) * freqs], dim=-1)  # [N, hd/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [N, hd]
-    return angles.cos().unsqueeze(0), angles.sin().unsqueeze(0)
+    return torch.polar(torch.ones_like(angles), angles).unsqueeze(0)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, N, D] rotated by cos/sin [B, N, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """x [B, H, N, D] with pairs (2k, 2k+1) rotated by rope [B or 1, N, D/2] (one complex multiply)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rope.unsqueeze(1)).flatten(-2).type_as(x)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -171,8 +166,8 @@ class DiTBlock(nn.Module):
 
         h = torch.addcmul(shift1, self.norm1(x), 1 + scale1)
         q, k, v = self.qkv(h).chunk(3, dim=-1)
-        q = apply_rope(self.q_norm(self._heads(q)), ctx.rope_cos, ctx.rope_sin)
-        k = apply_rope(self.k_norm(self._heads(k)), ctx.rope_cos, ctx.rope_sin)
+        q = apply_rope(self.q_norm(self._heads(q)), ctx.rope)
+        k = apply_rope(self.k_norm(self._heads(k)), ctx.rope)
         text_k, text_v = self.text_kv(ctx.text).chunk(2, dim=-1)
         k = torch.cat([self.k_norm(self._heads(text_k)), k], dim=2)  # [B, H, T + N, D]
         v = torch.cat([self._heads(text_v), self._heads(v)], dim=2)
@@ -181,10 +176,10 @@ class DiTBlock(nn.Module):
             image_mask = ctx.text_mask.new_ones(b, n)
             mask = torch.cat([ctx.text_mask, image_mask], dim=1)[:, None, None, :]  # [B, 1, 1, T + N]
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(b, n, c))
+        x = torch.addcmul(x, gate1, self.proj(attn.transpose(1, 2).reshape(b, n, c)))
 
         h = torch.addcmul(shift2, self.norm2(x), 1 + scale2)
-        return x + gate2 * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+        return torch.addcmul(x, gate2, self.fc2(F.gelu(self.fc1(h), approximate="tanh")))
 
     def matmul_flops(self, batch: int, n_img: int, n_txt: int) -> int:
         """Forward matmul FLOPs (2 per multiply-add) for one call with n_img image tokens."""
@@ -243,8 +238,8 @@ class PixelDiT(nn.Module):
             text_mask = text_mask.bool()
             if bool(text_mask.all()):
                 text_mask = None
-        cos, sin = rope_2d(grid_h, grid_w, self.cfg.head_dim, self.cfg.rope_theta, t.device)
-        return BlockContext(temb=temb, text=text_tokens, text_mask=text_mask, rope_cos=cos, rope_sin=sin)
+        rope = rope_2d(grid_h, grid_w, self.cfg.head_dim, self.cfg.rope_theta, t.device)
+        return BlockContext(temb=temb, text=text_tokens, text_mask=text_mask, rope=rope)
 
     def forward(self, x_t: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
         _, _, height, width = x_t.shape

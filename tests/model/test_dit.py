@@ -78,17 +78,18 @@ def test_blocks_follow_protocol_with_select(tiny_dit_cfg):
 
 
 def test_rope_is_relative():
-    cos, sin = rope_2d(4, 4, 8, 100.0, torch.device("cpu"))
-    q, k = torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
     from composer_prx.model.dit import apply_rope
 
-    # same q and k content at positions (0,0)->(1,1) and (1,1)->(2,2): equal dot products
-    q_same = q[:, :, :1].expand(1, 1, 16, 8)
-    k_same = k[:, :, :1].expand(1, 1, 16, 8)
-    rq, rk = apply_rope(q_same, cos, sin), apply_rope(k_same, cos, sin)
-    a = (rq[0, 0, 0] * rk[0, 0, 5]).sum()
-    b = (rq[0, 0, 5] * rk[0, 0, 10]).sum()
-    torch.testing.assert_close(a, b)
+    rope = rope_2d(4, 4, 8, 100.0, torch.device("cpu"))
+    q, k = torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8), torch.randn(1, 1, 1, 8).expand(1, 1, 16, 8)
+    rq, rk = apply_rope(q, rope), apply_rope(k, rope)
+    # the same q and k content: token pairs with the same 2D offset give the same score
+    # (0,0)->(1,1) is tokens 0 -> 5, (1,1)->(2,2) is 5 -> 10; (0,1)->(1,2) is 1 -> 6
+    scores = [(rq[0, 0, i] * rk[0, 0, j]).sum() for i, j in ((0, 5), (5, 10), (1, 6))]
+    torch.testing.assert_close(scores[0], scores[1])
+    torch.testing.assert_close(scores[0], scores[2])
+    assert not torch.allclose((rq[0, 0, 0] * rk[0, 0, 1]).sum(), (rq[0, 0, 0] * rk[0, 0, 4]).sum())
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))  # rotations keep the norm
 
 
 def test_gradients_reach_every_parameter(tiny_dit_cfg):
