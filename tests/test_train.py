@@ -98,3 +98,21 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, data_root, override, message)
 def test_missing_text_encoder_weights_named(tmp_path, data_root):
     with pytest.raises(OSError, match=r"text encoder weights '/no/such/encoder' could not be loaded"):
         train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), "model.text_encoder.name_or_path=/no/such/encoder"])
+
+
+def test_fsdp2_two_ranks_trains_and_resumes(tmp_path, data_root):
+    """FSDP2 (gloo, CPU): sharded training, sharded checkpoint, and a resume that reloads it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FSDP_VERSION="2")
+    base = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", "29623",
+            "-m", "composer_prx.train", QUICKSTART, "callbacks.samples.interval=null", "trainer.fsdp={}",
+            "algorithms.ema=null"]
+    first = subprocess.run(base + tiny_overrides(tmp_path, data_root, "fsdp", "2ba"), env=env, capture_output=True,
+                           text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "fsdp" / "checkpoints" / "ep0-ba2"
+    assert ckpt.is_dir(), list((tmp_path / "runs" / "fsdp" / "checkpoints").iterdir())
+    second = subprocess.run(base + tiny_overrides(tmp_path, data_root, "fsdp", "3ba")
+                            + [f"trainer.load_path={ckpt}", "trainer.save_overwrite=true"],
+                            env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "ShapesEval held-out 1obj" in second.stdout
