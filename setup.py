@@ -17,6 +17,8 @@ setup(
         "timm>=1.0",
         "omegaconf>=2.3",
         "pillow>=10",
+        "scipy>=1.10",
+        "pyarrow>=14",
     ],
     extras_require={
         "test": ["pytest>=8", "moto[server]>=5"],

@@ -58,7 +58,7 @@ SCHEDULERS = {
     "linear_with_warmup": "composer.optim:LinearWithWarmupScheduler",
 }
 DATASETS = {
-    "shapes": "composer_prx.train:shapes_dataloader",
+    "shapes": "composer_prx.data.shapes:build_shapes_dataloader",
     "mds": "composer_prx.data.dataset:build_dataloader",
 }
 REGISTRIES = {

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-import torch
 from composer import Trainer
 from composer.utils import dist, get_device, reproducibility
 
@@ -38,23 +36,6 @@ def build_model(cfg: C.TrainConfig) -> PRXModel:
             )
     return PRXModel(denoiser, encoder, time_sampling=TimeSampling(**vars(m.time_sampling)),
                     caption_dropout=m.caption_dropout, t_min=m.t_min, eval_t_values=tuple(m.eval_t_values))
-
-
-def shapes_dataloader(root: str, batch_size: int, resolution: int, patch_size: int, seed: int,
-                      n_train: int = 20000, num_workers: int = 0, shuffle: bool = True):
-    """The embedded default data: write the shapes MDS set and its tiny text encoder once, then stream it."""
-    from composer_prx.data.dataset import build_dataloader as mds_dataloader
-    from composer_prx.data.shapes import caption_texts, write_shapes_mds
-    from composer_prx.model.text import save_word_level_encoder
-
-    if dist.get_local_rank() == 0:
-        write_shapes_mds(root, n_train=n_train, size=resolution, seed=seed)
-        encoder_dir = Path(root) / "text_encoder"
-        if not (encoder_dir / "config.json").is_file():
-            save_word_level_encoder(encoder_dir, caption_texts(), seed=seed)
-    dist.barrier()
-    return mds_dataloader(None, str(Path(root) / "train"), batch_size, resolution, patch_size, shuffle=shuffle,
-                          seed=seed, num_workers=num_workers)
 
 
 def build_dataloader(cfg: C.TrainConfig, spec: dict, batch_size: int, split: str):

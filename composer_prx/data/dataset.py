@@ -1,0 +1,444 @@
+"""Image–caption MDS streaming: one stream per aspect-ratio bucket, every batch from one bucket.
+
+    dataset root (local path or s3:// gs:// ...)          per sample                     per batch
+    ├── buckets.json   (written by data.convert)          image bytes -> PIL -> resize   {"image": [B,3,H,W] in [-1,1],
+    ├── h512_w512/ index.json shard.*.mds                   to the bucket at the current    "caption": list[str],
+    └── h384_w704/ ...                                      resolution -> [3,H,W]           "corrupt_replaced": [B] bool,
+    (or a single MDS folder with index.json at the top)     caption column by weight        + "text_emb" [B,T,C],
+                                                                                              "text_mask" [B,T] bool}
+
+Epoch plan (batching method ``prx_buckets``, registered with mosaicml-streaming):
+each bucket's samples are ordered by streaming's shard-local shuffle (seed, epoch; independent of the
+world size), cut into global batches of ``batch_size * world_size`` samples, and the batches of all
+buckets are interleaved by a seeded permutation. A bucket's last batch may be smaller: its samples are
+spread evenly over the ranks, so every sample is seen exactly once per epoch and nothing is dropped
+(a tail smaller than the world size borrows from the batch before it; a bucket with fewer samples than
+ranks repeats some, with a warning). Resumption: Composer saves ``state_dict(samples_seen_in_epoch)``;
+the plan is rebuilt and continues after the last completed global batch.
+
+Corrupt samples (undecodable image, no caption): the sample is replaced by the next decodable sample of
+the same bucket (sample id + 1, + 2, ... wrapping inside the bucket), so batches keep their size and
+bucket; each replacement is logged with the sample id and shard, counted in ``dataset.num_corrupt``
+(per process) and flagged in the batch as ``corrupt_replaced`` so a callback can count it across workers
+and ranks. The replacement is seen twice in that epoch; the corrupt sample never.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataset
+from streaming.base.batching import batching_methods
+from streaming.base.shuffle import get_shuffle
+from streaming.base.world import World
+from torch.utils.data import DataLoader
+
+from composer_prx.data.buckets import nearest_bucket
+
+log = logging.getLogger(__name__)
+
+BATCHING_METHOD = "prx_buckets"
+BUCKETS_FILE = "buckets.json"
+MAX_CORRUPT_IN_A_ROW = 64  # give up (error) when this many consecutive samples of a bucket are corrupt
+
+
+class CorruptSampleError(ValueError):
+    """A sample whose image cannot be decoded or which has no caption."""
+
+
+@dataclass(frozen=True)
+class _Pad:
+    """Marker for an empty slot of a smaller (bucket tail) batch; dropped by ``collate_samples``."""
+
+
+PAD = _Pad()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Epoch plan
+# ---------------------------------------------------------------------------------------------------
+def _bucket_order(dataset: "ImageCaptionDataset", stream_id: int, epoch: int) -> np.ndarray:
+    """Global sample ids of one bucket in this epoch's order (shard-local shuffle, world independent)."""
+    first_shard = dataset.shard_offset_per_stream[stream_id]
+    shard_sizes = dataset.samples_per_shard[first_shard: first_shard + dataset.shards_per_stream[stream_id]]
+    offset = dataset.sample_offset_per_stream[stream_id]
+    if not dataset.shuffle:
+        return offset + np.arange(int(shard_sizes.sum()), dtype=np.int64)
+    block = dataset.shuffle_block_size or (1 << 18)
+    order = get_shuffle(dataset.shuffle_algo, shard_sizes, 1, dataset.shuffle_seed + 7919 * stream_id, epoch, block)
+    return offset + order.astype(np.int64)
+
+
+def _bucket_batches(order: np.ndarray, batch_size: int, num_ranks: int, name: str) -> list[np.ndarray]:
+    """Cut one bucket's ordered ids into global batches; every batch has >= num_ranks samples."""
+    global_batch = batch_size * num_ranks
+    batches = [order[i: i + global_batch] for i in range(0, len(order), global_batch)]
+    tail = batches[-1]
+    if len(tail) < num_ranks:
+        if len(batches) > 1 and batch_size >= 2:
+            merged = np.concatenate([batches[-2], tail])  # re-split so both halves feed every rank
+            batches[-2:] = [merged[: len(merged) - num_ranks], merged[len(merged) - num_ranks:]]
+        else:
+            missing = num_ranks - len(tail)
+            log.warning("bucket %s has %d samples in its last batch for %d ranks: repeating %d sample(s) "
+                        "so that every rank gets one", name, len(tail), num_ranks, missing)
+            batches[-1] = np.concatenate([tail, np.resize(order, missing)])
+    return batches
+
+
+def epoch_batches(dataset: "ImageCaptionDataset", epoch: int, num_ranks: int) -> list[np.ndarray]:
+    """The epoch's global batches (arrays of sample ids), in training order, before resumption."""
+    per_bucket = [
+        _bucket_batches(_bucket_order(dataset, s, epoch), dataset.batch_size, num_ranks, dataset.bucket_names[s])
+        for s in range(dataset.num_streams)
+    ]
+    origins = np.concatenate([np.full(len(b), s, dtype=np.int64) for s, b in enumerate(per_bucket)])
+    if dataset.shuffle:
+        np.random.default_rng([dataset.shuffle_seed, epoch]).shuffle(origins)
+    next_index = [0] * dataset.num_streams
+    batches = []
+    for s in origins:
+        batches.append(per_bucket[s][next_index[s]])
+        next_index[s] += 1
+    return batches
+
+
+def completed_batches(batches: list[np.ndarray], sample_in_epoch: int) -> int:
+    """How many global batches ``sample_in_epoch`` real samples cover (rounded down, with a warning)."""
+    ends = np.cumsum([len(b) for b in batches])
+    done = int(np.searchsorted(ends, sample_in_epoch, side="right"))
+    if sample_in_epoch and (done == 0 or ends[done - 1] != sample_in_epoch):
+        log.warning("resuming at sample %d, which is not the end of a global batch; restarting from the "
+                    "last complete batch (%d samples)", sample_in_epoch, ends[done - 1] if done else 0)
+    return done
+
+
+def _generate_bucket_work(dataset: "ImageCaptionDataset", world: World, epoch: int,
+                          sample_in_epoch: int) -> np.ndarray:
+    """streaming batching hook: [nodes, ranks_per_node, workers_per_rank, batches_per_worker, B], -1 = empty."""
+    batches = epoch_batches(dataset, epoch, world.num_ranks)
+    batches = batches[completed_batches(batches, sample_in_epoch):]
+    workers, batch_size = world.workers_per_rank, dataset.batch_size
+    per_worker = max(1, math.ceil(len(batches) / workers))
+    work = np.full((world.num_nodes, world.ranks_per_node, workers, per_worker, batch_size), -1, np.int64)
+    for g, batch in enumerate(batches):  # global batch g is the (g // W)-th batch of worker g % W
+        parts = np.array_split(batch, world.num_ranks)
+        for rank, part in enumerate(parts):
+            node, rank_of_node = divmod(rank, world.ranks_per_node)
+            work[node, rank_of_node, g % workers, g // workers, : len(part)] = part
+    return work
+
+
+batching_methods[BATCHING_METHOD] = _generate_bucket_work
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------------
+def _normalise_caption_columns(caption_columns: str | list[str] | dict[str, float] | None) -> dict[str, float]:
+    if caption_columns is None:
+        return {"caption": 1.0}
+    if isinstance(caption_columns, str):
+        return {caption_columns: 1.0}
+    columns = dict(caption_columns) if isinstance(caption_columns, dict) else {c: 1.0 for c in caption_columns}
+    if not columns or any(w < 0 for w in columns.values()) or sum(columns.values()) <= 0:
+        raise ValueError(f"caption_columns needs non-negative weights with a positive sum, got {columns}")
+    return columns
+
+
+def decode_image(data: Any) -> "Image.Image":  # noqa: F821 - PIL imported lazily
+    """Encoded bytes (or an already decoded PIL image) -> RGB PIL image; CorruptSampleError if undecodable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise CorruptSampleError(f"image column holds {type(data).__name__} of length "
+                                 f"{len(data) if hasattr(data, '__len__') else '?'}, not encoded image bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise CorruptSampleError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
+    return image.convert("RGB")
+
+
+def image_to_tensor(image: "Image.Image", height: int, width: int) -> torch.Tensor:  # noqa: F821
+    """PIL RGB -> float [3, height, width] in [-1, 1], resized (antialiased bicubic) when needed."""
+    from PIL import Image
+
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    planes = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # [3, H, W] view
+    scaled = planes.astype(np.float32, order="C")  # single-threaded numpy: no torch thread contention
+    scaled *= 1.0 / 127.5
+    scaled -= 1.0
+    return torch.from_numpy(scaled)
+
+
+class ImageCaptionDataset(StreamingDataset):
+    """StreamingDataset over image–caption MDS buckets; samples resized to ``resolution`` on the patch grid.
+
+    Each sample -> {"image": float [3, H, W] in [-1, 1], "caption": str, "corrupt_replaced": bool,
+    optionally "text_emb" [T, C] float and "text_mask" [T] bool}, where (H, W) is the bucket of the
+    stored image's aspect ratio at ``resolution`` (``buckets.nearest_bucket``) and the caption column is
+    drawn by ``caption_columns`` weights from an rng seeded by (seed, epoch, sample id).
+    Precomputed embeddings are read from columns ``<caption column>_emb`` / ``<caption column>_mask``.
+
+    ``resolution`` may be changed between epochs (``set_resolution``); with persistent DataLoader
+    workers, rebuild the loader instead (workers hold their own copy).
+    """
+
+    def __init__(self, *, streams: list[Stream], bucket_names: list[str], batch_size: int, resolution: int,
+                 patch_size: int, shuffle: bool = True, seed: int = 17,
+                 caption_columns: str | list[str] | dict[str, float] | None = None, max_ratio: float = 2.0,
+                 predownload: int | None = None, cache_limit: int | str | None = None,
+                 shuffle_algo: str = "py1e", shuffle_block_size: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        super().__init__(streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                         shuffle_algo=shuffle_algo, shuffle_block_size=shuffle_block_size,
+                         predownload=predownload, cache_limit=cache_limit, batching_method="per_stream")
+        self.batching_method = BATCHING_METHOD  # registered above; streaming validates only its own names
+        self.bucket_names = list(bucket_names)
+        self.caption_columns = _normalise_caption_columns(caption_columns)
+        self.max_ratio = max_ratio
+        self.patch_size = patch_size
+        self.set_resolution(resolution)
+        self.num_corrupt = 0
+        self._epoch = 0
+        self._worker_plan = np.empty(0, dtype=np.int64)
+
+    def set_resolution(self, resolution: int) -> None:
+        """Resize target for the next iterator: buckets of the table at (resolution, patch_size)."""
+        if resolution % self.patch_size:
+            raise ValueError(f"resolution {resolution} is not a multiple of patch_size {self.patch_size}")
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        """Per-rank sample slots of one epoch: (global batches) x batch_size, so len(loader) = batches."""
+        num_ranks = self._parallel_rank_world.num_ranks
+        global_batch = self.batch_size * num_ranks
+        batches = sum(max(1, math.ceil(int(n) / global_batch)) for n in self.samples_per_stream)
+        return batches * self.batch_size
+
+    # --- hooks into StreamingDataset's iteration -------------------------------------------------
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._epoch = epoch
+        return epoch, sample_in_epoch
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
+        self._worker_plan = super()._get_work(epoch, sample_in_epoch)
+        return self._worker_plan
+
+    def __iter__(self) -> Iterator[dict[str, Any] | _Pad]:
+        """Samples of this worker in plan order; empty slots of a short batch become PAD markers."""
+        inner = super().__iter__()
+        first = next(inner, None)  # runs the epoch set-up, which stores this worker's plan
+        if first is None:
+            return
+        plan = self._worker_plan.reshape(-1, self.batch_size)
+        pending = [first]
+        for row in plan:
+            real = int((row >= 0).sum())
+            if real == 0:
+                continue  # padding row at the end of a worker's share: no batch at all
+            for _ in range(real - len(pending)):
+                pending.append(next(inner))
+            yield from pending
+            pending = []
+            yield from [PAD] * (self.batch_size - real)
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """Resumption state; ``num_samples`` counts real samples seen this epoch (Composer passes that)."""
+        if not from_beginning:
+            raise ValueError("ImageCaptionDataset counts samples from the start of the epoch "
+                             "(from_beginning=True, as Composer does); a plain DataLoader is expected")
+        state = super().state_dict(num_samples, from_beginning)
+        state["global_batch_size"] = self.batch_size * self._parallel_rank_world.num_ranks
+        return state
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        saved = obj.get("global_batch_size")
+        current = self.batch_size * self._parallel_rank_world.num_ranks
+        if saved is not None and saved != current and obj.get("sample_in_epoch", 0):
+            raise ValueError(f"checkpoint was taken mid-epoch with global batch {saved}, now {current}; "
+                             "resume with the same batch_size x world size, or resume at an epoch boundary")
+        super().load_state_dict(obj)
+
+    # --- per sample ------------------------------------------------------------------------------
+    def __getitem__(self, sample_id: int) -> dict[str, Any]:
+        """Decoded sample; a corrupt one is replaced by the next decodable sample of its bucket."""
+        shard_id, _ = self.spanner[sample_id]
+        stream_id = int(self.stream_per_shard[shard_id])
+        start = int(self.sample_offset_per_stream[stream_id])
+        count = int(self.samples_per_stream[stream_id])
+        for step in range(min(count, MAX_CORRUPT_IN_A_ROW)):
+            candidate = start + (sample_id - start + step) % count
+            try:
+                sample = self.decode(self.get_item(candidate), candidate)
+            except CorruptSampleError as exc:
+                self.num_corrupt += 1
+                log.warning("skipping corrupt sample %d (shard %s of bucket %s): %s", candidate,
+                            self.shards[self.spanner[candidate][0]].raw_data.basename,
+                            self.bucket_names[stream_id], exc)
+                continue
+            sample["corrupt_replaced"] = step > 0
+            return sample
+        raise RuntimeError(f"{min(count, MAX_CORRUPT_IN_A_ROW)} consecutive samples from {sample_id} in bucket "
+                           f"{self.bucket_names[stream_id]} are corrupt; check the data (see the warnings above)")
+
+    def _choose_caption(self, raw: dict[str, Any], sample_id: int) -> str:
+        names = list(self.caption_columns)
+        weights = np.array([self.caption_columns[n] for n in names], dtype=np.float64)
+        rng = np.random.default_rng([self.shuffle_seed, self._epoch, sample_id])
+        first = int(rng.choice(len(names), p=weights / weights.sum()))
+        for name in [names[first]] + [n for n in names if n != names[first]]:
+            text = raw.get(name)
+            if isinstance(text, str) and text.strip():
+                if name != names[first]:
+                    log.debug("sample %d: caption column %r empty, used %r", sample_id, names[first], name)
+                return text
+        raise CorruptSampleError(f"no caption in columns {names}")
+
+    def decode(self, raw: dict[str, Any], sample_id: int) -> dict[str, Any]:
+        """Raw MDS columns -> training sample (see class docstring); CorruptSampleError if unusable."""
+        caption = self._choose_caption(raw, sample_id)
+        image = decode_image(raw.get("image"))
+        width, height = image.size
+        if raw.get("width") not in (None, width) or raw.get("height") not in (None, height):
+            raise CorruptSampleError(f"image is {width}x{height} but the sample records "
+                                     f"{raw.get('width')}x{raw.get('height')}")
+        bucket = nearest_bucket(height, width, self.resolution, self.patch_size, self.max_ratio)
+        sample: dict[str, Any] = {"image": image_to_tensor(image, bucket.height, bucket.width), "caption": caption}
+        column = next(n for n in self.caption_columns if raw.get(n) == caption)
+        if f"{column}_emb" in raw:
+            emb = torch.from_numpy(np.asarray(raw[f"{column}_emb"], dtype=np.float32).copy())  # [T, C]
+            mask = raw.get(f"{column}_mask")
+            sample["text_emb"] = emb
+            sample["text_mask"] = (torch.from_numpy(np.asarray(mask).astype(bool)) if mask is not None
+                                   else torch.ones(emb.shape[0], dtype=torch.bool))
+        return sample
+
+
+def collate_samples(items: list[dict[str, Any] | _Pad]) -> dict[str, Any]:
+    """Stack samples of one bucket into a batch dict, dropping PAD slots (a bucket's short last batch)."""
+    samples = [s for s in items if not isinstance(s, _Pad)]
+    if not samples:
+        raise ValueError("a batch with no samples reached collate; the epoch plan guarantees >= 1 per rank")
+    shapes = {tuple(s["image"].shape) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"batch mixes image sizes {sorted(shapes)}: an MDS folder must hold one aspect-ratio "
+                         "bucket; convert the data with python -m composer_prx.data.convert")
+    batch: dict[str, Any] = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "corrupt_replaced": torch.tensor([bool(s["corrupt_replaced"]) for s in samples]),
+    }
+    with_emb = sum("text_emb" in s for s in samples)
+    if with_emb not in (0, len(samples)):
+        raise ValueError(f"{with_emb} of {len(samples)} samples have precomputed text embeddings; "
+                         "all or none of the chosen caption columns must carry <column>_emb")
+    if with_emb:
+        batch["text_emb"] = torch.stack([s["text_emb"] for s in samples])
+        batch["text_mask"] = torch.stack([s["text_mask"] for s in samples])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Discovery and loader
+# ---------------------------------------------------------------------------------------------------
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name if "://" in root else os.path.join(root, name)
+
+
+def discover_buckets(remote: str | None, local: str, download_timeout: float = 60.0,
+                     download_retry: int = 2) -> list[str]:
+    """Names of the bucket sub-folders under the dataset root; [""] when the root is one MDS folder.
+
+    With a remote, ``buckets.json`` (else ``index.json``) is fetched into ``local`` first.
+    """
+    if remote is not None:
+        from composer_prx.data.convert import fetch_file
+
+        os.makedirs(local, exist_ok=True)
+        for name in (BUCKETS_FILE, "index.json"):
+            if fetch_file(_join(remote, name), os.path.join(local, name), download_timeout, download_retry + 1):
+                break
+    if os.path.exists(os.path.join(local, BUCKETS_FILE)):
+        with open(os.path.join(local, BUCKETS_FILE)) as f:
+            return [b["name"] for b in json.load(f)["buckets"]]
+    if os.path.exists(os.path.join(local, "index.json")):
+        return [""]
+    if remote is None and os.path.isdir(local):
+        names = sorted(d for d in os.listdir(local) if os.path.exists(os.path.join(local, d, "index.json")))
+        if names:
+            return names
+    where = f"remote {remote!r}" if remote else f"local {local!r}"
+    raise FileNotFoundError(f"no MDS dataset at {where}: expected {BUCKETS_FILE}, index.json, or bucket folders "
+                            "with index.json; create one with python -m composer_prx.data.convert "
+                            "(or composer_prx.data.shapes.write_shapes_mds)")
+
+
+def build_dataset(remote: str | None, local: str, batch_size: int, resolution: int, patch_size: int, *,
+                  shuffle: bool = True, seed: int = 17,
+                  caption_columns: str | list[str] | dict[str, float] | None = None,
+                  max_ratio: float = 2.0, download_retry: int = 2, download_timeout: float = 60.0,
+                  predownload: int | None = None, cache_limit: int | str | None = None) -> ImageCaptionDataset:
+    """The ``ImageCaptionDataset`` behind ``build_dataloader`` (same arguments)."""
+    local = os.fspath(local)
+    names = discover_buckets(remote, local, download_timeout, download_retry)
+    manifest_path = os.path.join(local, BUCKETS_FILE)
+    if caption_columns is None and os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            listed = json.load(f).get("caption_columns") or ["caption"]
+        caption_columns = "caption" if "caption" in listed else listed  # else: all columns, equal weights
+    streams = [Stream(remote=None if remote is None else (_join(remote, n) if n else remote),
+                      local=os.path.join(local, n) if n else local,
+                      download_retry=download_retry, download_timeout=download_timeout)
+               for n in names]
+    return ImageCaptionDataset(streams=streams, bucket_names=[n or os.path.basename(local.rstrip("/")) for n in names],
+                               batch_size=batch_size, resolution=resolution, patch_size=patch_size,
+                               shuffle=shuffle, seed=seed, caption_columns=caption_columns,
+                               max_ratio=max_ratio, predownload=predownload, cache_limit=cache_limit)
+
+
+def build_dataloader(remote: str | None, local: str, batch_size: int, resolution: int, patch_size: int, *,
+                     shuffle: bool = True, seed: int = 17, num_workers: int = 0,
+                     caption_columns: str | list[str] | dict[str, float] | None = None,
+                     max_ratio: float = 2.0, download_retry: int = 2, download_timeout: float = 60.0,
+                     predownload: int | None = None, cache_limit: int | str | None = None,
+                     persistent_workers: bool = False, pin_memory: bool = False,
+                     prefetch_factor: int | None = None) -> DataLoader:
+    """Per-device DataLoader of image–caption batches from MDS buckets (local path or s3:// / gs:// ...).
+
+    remote: dataset root in object storage, or None to read ``local`` directly; local: cache / dataset
+    root (one MDS folder with index.json, or bucket folders + buckets.json). batch_size: per device.
+    resolution, patch_size: images are resized to their aspect-ratio bucket at ``resolution`` on the
+    ``patch_size`` grid. seed: shuffle order and caption choice. caption_columns: a column name, a list
+    (equal weights) or {column: weight}; default "caption" (or, when buckets.json lists no "caption",
+    all its caption columns with equal weights).
+
+    Batches: {"image": float [B, 3, H, W] in [-1, 1], "caption": list[str], "corrupt_replaced": bool [B]}
+    (+ "text_emb" [B, T, C], "text_mask" [B, T] bool when the shards carry embeddings). B is
+    ``batch_size`` except for a bucket's last batch. ``loader.dataset`` has ``state_dict`` /
+    ``load_state_dict``, which Composer checkpoints for exact mid-epoch resumption.
+    """
+    dataset = build_dataset(remote, local, batch_size, resolution, patch_size, shuffle=shuffle, seed=seed,
+                            caption_columns=caption_columns, max_ratio=max_ratio, download_retry=download_retry,
+                            download_timeout=download_timeout, predownload=predownload, cache_limit=cache_limit)
+    extra = {} if num_workers == 0 else {"persistent_workers": persistent_workers,
+                                         "prefetch_factor": prefetch_factor or 2}
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False, **extra)
