@@ -51,6 +51,11 @@ OPTIMIZERS = {
     "adamw": "composer_prx.optim.muon:build_adamw",
     "muon": "composer_prx.optim.muon:build_muon",
 }
+# Builders taking **settings declare their keys in a dataclass, checked like any config section.
+OPTIMIZER_SETTINGS = {
+    "adamw": "composer_prx.optim.muon:AdamWSettings",
+    "muon": "composer_prx.optim.muon:MuonSettings",
+}
 SCHEDULERS = {
     "constant": "composer.optim:ConstantScheduler",
     "constant_with_warmup": "composer.optim:ConstantWithWarmupScheduler",
@@ -190,7 +195,11 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, dict)
     if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
         args = typing.get_args(annotation)
-        return isinstance(value, (list, tuple)) and (not args or all(_type_ok(v, args[0]) for v in value))
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and Ellipsis not in args:  # a fixed-length tuple such as betas
+            return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
+        return not args or all(_type_ok(v, args[0]) for v in value)
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:
@@ -292,6 +301,10 @@ def check_components(cfg: TrainConfig) -> None:
         if spec is None:
             continue
         name, kwargs = _split_component(spec, where)
+        if registry == "optimizer" and name in OPTIMIZER_SETTINGS:
+            module, attr = OPTIMIZER_SETTINGS[name].split(":")
+            build_section(getattr(importlib.import_module(module), attr), kwargs, f"{where} ({name})")
+            continue
         check_kwargs(resolve(registry, name), kwargs, f"{where} ({name})", INJECTED.get(registry, set()))
     for registry in ("algorithms", "callbacks", "loggers"):
         for name, kwargs in getattr(cfg, registry).items():

@@ -38,6 +38,9 @@ def test_variables_and_overrides():
         ("callbacks.samples.steps=many", r"callbacks.samples.steps must be int"),
         ("data.train.batch_size=4", r"data.train \(shapes\).batch_size is set by the trainer"),
         ("trainerr.device=cpu", r"unknown key trainerr; valid keys here"),
+        ("optimizer.lrr=0.1", r"unknown key optimizer \(adamw\).lrr; valid keys here: \[.*'lr'"),
+        ("optimizer.betas=[0.9]", r"optimizer \(adamw\).betas must be tuple\[float, float\], got \[0.9\]"),
+        ("optimizer.lr=fast", r"optimizer \(adamw\).lr must be float, got 'fast'"),
     ],
 )
 def test_bad_config_fails_with_actionable_message(override, message):
