@@ -15,6 +15,9 @@ _PUBLIC = {
     "FlowOutput": "composer_prx.model.pipeline",
     "TextEncoder": "composer_prx.model.text",
     "Tread": "composer_prx.algorithms.tread",
+    "apply_tread": "composer_prx.algorithms.tread",
+    "tread_routing": "composer_prx.algorithms.tread",
+    "ExactResume": "composer_prx.callbacks.resume",
     "Muon": "composer_prx.optim.muon",
 }
 

@@ -91,7 +91,8 @@ class PRXModel(ComposerModel):
         self.t_min = t_min
         self.eval_t_values = tuple(eval_t_values)
         self.eval_seed = eval_seed
-        self._last_text_len = 0
+        self._train_tokens: list[int] = []
+        self._train_text_len = 0
         self.val_metrics = {"val_loss": BinnedFlowLoss()} | {
             f"val_loss_t{t:.2f}": BinnedFlowLoss(t) for t in self.eval_t_values
         }
@@ -132,11 +133,14 @@ class PRXModel(ComposerModel):
             mask = mask & keep[:, None]
         t = flow.sample_t(b, self.time_sampling, device=device)
         eps = torch.randn_like(x)
-        return self._denoise(x, eps, t, text, mask)
+        out = self._denoise(x, eps, t, text, mask)
+        if self.training:  # what each block really processed in this training forward (TREAD-aware FLOPs)
+            self._train_tokens = [getattr(block, "tokens_seen", 0) for block in getattr(self.denoiser, "blocks", ())]
+            self._train_text_len = text.shape[1]
+        return out
 
     def _denoise(self, x: Tensor, eps: Tensor, t: Tensor, text: Tensor, mask: Tensor) -> FlowOutput:
         x_t = flow.add_noise(x, eps, t)
-        self._last_text_len = text.shape[1]
         x_pred = self.denoiser(x_t, t, text, mask)
         v_pred = flow.x_to_v(x_t, x_pred, t, self.t_min)
         return FlowOutput(x=x, x_t=x_t, t=t, x_pred=x_pred, v_pred=v_pred, v_target=flow.v_target(x, eps),
@@ -184,10 +188,10 @@ class PRXModel(ComposerModel):
         x = batch["image"]
         b, _, h, w = x.shape
         n_img = (h // self.patch_size) * (w // self.patch_size)
-        n_txt = batch["text_emb"].shape[1] if "text_emb" in batch else self._last_text_len
+        n_txt = batch["text_emb"].shape[1] if "text_emb" in batch else self._train_text_len
         if not hasattr(self.denoiser, "matmul_flops"):
             raise NotImplementedError("the denoiser has no matmul_flops(batch, n_img, n_txt, tokens_per_block)")
-        seen = [getattr(block, "tokens_seen", 0) or n_img for block in self.denoiser.blocks]
+        seen = [n or n_img for n in self._train_tokens] or None
         return 3 * self.denoiser.matmul_flops(b, n_img, n_txt, seen)
 
     # ---- sampling -------------------------------------------------------------------------------

@@ -92,6 +92,9 @@ def test_generate_bad_arguments(tiny_model):
 
 def test_flops_per_batch_matches_denoiser_count(tiny_model):
     batch = image_batch()
-    tiny_model(batch)
-    n_txt = tiny_model._last_text_len
-    assert tiny_model.flops_per_batch(batch) == 3 * tiny_model.denoiser.matmul_flops(4, 16, n_txt)
+    out = tiny_model(batch)
+    n_txt = out.text.shape[1]
+    expected = 3 * tiny_model.denoiser.matmul_flops(4, 16, n_txt)
+    assert tiny_model.flops_per_batch(batch) == expected
+    tiny_model.generate(["a red circle"], size=(8, 8), steps=1)  # a later sampling call does not change it
+    assert tiny_model.flops_per_batch(batch) == expected
