@@ -23,6 +23,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from composer_prx.flow import TimeSampling
+from composer_prx.model.dit import DiTConfig
+
 
 class ConfigError(ValueError):
     """A config problem, with the offending key and the fix in the message."""
@@ -89,37 +92,16 @@ def resolve(registry: str, name: str) -> Any:
 
 # ---- schema ---------------------------------------------------------------------------------------
 @dataclass
-class DiTSection:
-    patch_size: int = 32
-    hidden_dim: int = 1152
-    depth: int = 16
-    num_heads: int = 16
-    mlp_ratio: float = 3.5
-    bottleneck_dim: int = 256
-    text_dim: int = 2304
-    in_channels: int = 3
-    rope_theta: float = 100.0
-
-
-@dataclass
 class TextEncoderSection:
     name_or_path: str = "google/t5gemma-2b-2b-ul2"
     max_length: int = 256
 
 
 @dataclass
-class TimeSamplingSection:
-    mean: float = 0.0
-    std: float = 1.0
-    shift: float = 1.0
-    uniform_mix: float = 0.0
-
-
-@dataclass
 class ModelSection:
-    dit: DiTSection = field(default_factory=DiTSection)
+    dit: DiTConfig = field(default_factory=DiTConfig)
     text_encoder: TextEncoderSection | None = field(default_factory=TextEncoderSection)
-    time_sampling: TimeSamplingSection = field(default_factory=TimeSamplingSection)
+    time_sampling: TimeSampling = field(default_factory=TimeSampling)
     caption_dropout: float = 0.1
     t_min: float = 0.05
     eval_t_values: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -253,7 +235,10 @@ def build_section(cls: type, data: Any, where: str) -> Any:
         if name in CHOICES and value not in CHOICES[name]:
             raise ConfigError(f"{key} must be one of {CHOICES[name]}, got {value!r}")
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # the section's own checks (e.g. DiTConfig.__post_init__)
+        raise ConfigError(f"{where or 'config'}: {err}") from err
 
 
 def check_kwargs(target: Any, kwargs: dict[str, Any], where: str, injected: set[str] = frozenset()) -> None:
@@ -313,12 +298,6 @@ def check_components(cfg: TrainConfig) -> None:
 
 def check_consistency(cfg: TrainConfig) -> None:
     """Cross-key rules that no single key can check."""
-    from composer_prx.model.dit import DiTConfig
-
-    try:
-        DiTConfig(**vars(cfg.model.dit))
-    except ValueError as err:
-        raise ConfigError(f"model.dit: {err}") from err
     patch, resolution = cfg.model.dit.patch_size, cfg.data.resolution
     if resolution % patch:
         raise ConfigError(f"data.resolution {resolution} is not a multiple of the patch size {patch} "

@@ -13,8 +13,7 @@ from composer.utils import dist, get_device, reproducibility
 
 from composer_prx import config as C
 from composer_prx.callbacks.resume import ExactResume
-from composer_prx.flow import TimeSampling
-from composer_prx.model.dit import DiTConfig, PixelDiT
+from composer_prx.model.dit import PixelDiT
 from composer_prx.model.pipeline import PRXModel
 from composer_prx.model.text import load_text_encoder
 
@@ -25,7 +24,7 @@ def build_model(cfg: C.TrainConfig) -> PRXModel:
     """PixelDiT + frozen text encoder -> PRXModel (weights seeded by model.init_seed or seed)."""
     m = cfg.model
     reproducibility.seed_all(m.init_seed if m.init_seed is not None else cfg.seed)
-    denoiser = PixelDiT(DiTConfig(**vars(m.dit)))
+    denoiser = PixelDiT(m.dit)
     encoder = None
     if m.text_encoder is not None:
         encoder = load_text_encoder(m.text_encoder.name_or_path, m.text_encoder.max_length)
@@ -34,7 +33,7 @@ def build_model(cfg: C.TrainConfig) -> PRXModel:
                 f"model.dit.text_dim is {m.dit.text_dim} but the text encoder {m.text_encoder.name_or_path!r} "
                 f"has hidden size {encoder.hidden_size}; set model.dit.text_dim={encoder.hidden_size}"
             )
-    return PRXModel(denoiser, encoder, time_sampling=TimeSampling(**vars(m.time_sampling)),
+    return PRXModel(denoiser, encoder, time_sampling=m.time_sampling,
                     caption_dropout=m.caption_dropout, t_min=m.t_min, eval_t_values=tuple(m.eval_t_values))
 
 
