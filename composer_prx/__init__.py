@@ -19,6 +19,7 @@ _PUBLIC = {
     "tread_routing": "composer_prx.algorithms.tread",
     "ExactResume": "composer_prx.callbacks.resume",
     "Muon": "composer_prx.optim.muon",
+    "muon_param_groups": "composer_prx.optim.muon",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -43,6 +43,7 @@ CALLBACKS = {
     "runtime_estimator": "composer.callbacks:RuntimeEstimator",
     "samples": "composer_prx.callbacks.samples:SampleGrid",
     "shapes_eval": "composer_prx.callbacks.quality:ShapesEval",
+    "update_rms": "composer_prx.optim.muon:UpdateRMSMonitor",
 }
 LOGGERS = {
     "file": "composer.loggers:FileLogger",
