@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--size", type=int, default=None, help="default: the run's training resolution")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", choices=GUIDANCE_MODES, default="cfg")
-    parser.add_argument("--scale", type=float, default=2.0)
+    parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", choices=("euler", "heun"), default="euler")
     parser.add_argument("--device", default="cpu")

@@ -48,7 +48,7 @@ def single_process(rounds: int, opt_repeats: int, batch_size: int) -> None:
     builders = {
         "adamw": lambda m: build_adamw(m),
         "muon": lambda m: build_muon(m),
-        "muon, adaLN modulation -> Adam": lambda m: build_muon(m, adam_params=["*.modulation.*"]),
+        "muon, adaLN modulation -> Muon": lambda m: build_muon(m, muon_params=["*.modulation.weight"]),
     }
     models = {name: reference_model(seed=0) for name in builders}
     optimizers = {name: build(models[name]) for name, build in builders.items()}

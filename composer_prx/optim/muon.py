@@ -627,7 +627,11 @@ def _match_any(name: str, patterns: Sequence[str]) -> str | None:
     return next((pat for pat in patterns if fnmatch.fnmatchcase(name, pat)), None)
 
 
-DEFAULT_ADAM_PATTERNS = ("*repa*",)
+# Adam by default although 2D and inside the blocks: the REPA projector, and the adaLN modulation,
+# which maps the per-image conditioning (timestep embedding) to scales/shifts/gates -- the same input
+# path as the embedding MLP, not a hidden-to-hidden layer. `muon_params=["*.modulation.weight"]` puts
+# it back into Muon (+27% Newton-Schulz FLOPs in the reference geometry).
+DEFAULT_ADAM_PATTERNS = ("*repa*", "*modulation*")
 
 
 def muon_param_groups(
@@ -642,7 +646,7 @@ def muon_param_groups(
     """Split a model's trainable parameters into a Muon group and an Adam group.
 
     Default: 2D weights of modules inside any nn.ModuleList/Sequential named `blocks_name` go to Muon,
-    except embeddings and names matching "*repa*"; everything else (biases, norms, embeddings, input and
+    except embeddings and names matching "*repa*" or "*modulation*" (adaLN, see DEFAULT_ADAM_PATTERNS); everything else (biases, norms, embeddings, input and
     final projections, REPA projector) goes to Adam. `muon_params` / `adam_params` are fnmatch patterns
     on parameter names that override the default (adam_params wins over muon_params); a pattern that
     matches nothing is an error. Returns [{"params", "use_muon": True, "name": "muon", **muon_settings},

@@ -259,3 +259,19 @@ def test_update_rms_monitor_logs_each_group():
     assert len(logger.data["optimizer/update_rms/adam"]) == 2
     with pytest.raises(ValueError, match="interval=0"):
         UpdateRMSMonitor(interval=0)
+
+
+def test_default_grouping_on_pixel_dit(tiny_model):
+    """Our own denoiser: block matrices -> Muon; adaLN modulation, norms, biases, input/output -> Adam."""
+    from composer_prx.optim import muon_param_groups
+
+    groups = {g["name"]: g["params"] for g in muon_param_groups(tiny_model)}
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    muon = {names[id(p)] for p in groups["muon"]}
+    adam = {names[id(p)] for p in groups["adam"]}
+    assert "denoiser.blocks.0.qkv.weight" in muon and "denoiser.blocks.3.fc2.weight" in muon
+    assert "denoiser.blocks.0.text_kv.weight" in muon
+    assert {"denoiser.blocks.0.modulation.weight", "denoiser.patch_in.weight", "denoiser.final_proj.weight",
+            "denoiser.text_proj.weight", "denoiser.blocks.0.qkv.bias"} <= adam
+    assert all(p.ndim == 2 for p in groups["muon"])
+    assert len(muon) + len(adam) == sum(1 for _ in tiny_model.parameters())
