@@ -34,3 +34,34 @@ def test_hub_id_offline_fails_at_once(monkeypatch):
 def test_single_string_is_rejected(text_encoder_dir):
     with pytest.raises(TypeError, match="list of captions"):
         load_text_encoder(str(text_encoder_dir), 6).encode("a red circle")
+
+
+def _save_with_word_tokenizer(model, path, source_dir):
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(source_dir).save_pretrained(path)
+    return str(path)
+
+
+def test_t5_style_encoder_decoder_loads_encoder_only(tmp_path, text_encoder_dir):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0,
+                      decoder_start_token_id=0)
+    path = _save_with_word_tokenizer(T5ForConditionalGeneration(config), tmp_path / "t5", text_encoder_dir)
+    encoder = TextEncoder.from_pretrained(path, max_length=8)
+    assert type(encoder.model).__name__ == "T5EncoderModel" and encoder.hidden_size == 16
+    emb, mask = encoder.encode(["a red circle", "a blue square"])
+    assert emb.shape == (2, 3, 16) and mask.all()
+
+
+def test_decoder_only_gemma_style_encoder(tmp_path, text_encoder_dir):
+    from transformers import GemmaConfig, GemmaModel
+
+    config = GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0)
+    path = _save_with_word_tokenizer(GemmaModel(config), tmp_path / "gemma", text_encoder_dir)
+    encoder = TextEncoder.from_pretrained(path, max_length=16)
+    emb, mask = encoder.encode(["a red circle in the top left corner"])  # 8 words
+    assert emb.shape == (1, 8, 16) and mask.all() and encoder.hidden_size == 16
