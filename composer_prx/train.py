@@ -78,7 +78,7 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,
-        eval_interval=t.eval_interval,
+        eval_interval=t.eval_interval if eval_loader is not None else 1,  # no eval loader: nothing to time
         eval_subset_num_batches=t.eval_subset_num_batches,
         max_duration=t.max_duration,
         optimizers=optimizer,
