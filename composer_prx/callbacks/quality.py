@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from composer.core import Callback, State, Time, TimeUnit
+from composer.core import Callback, State, Time, TimeUnit, get_precision_context
 from composer.loggers import Logger
 
 from composer_prx.callbacks.samples import ema_weights, image_grid, save_png, unwrap
@@ -77,7 +77,7 @@ class ShapesEval(Callback):
 
         from composer_prx.data.shapes import load_eval_prompts
 
-        with ema_weights(state):
+        with ema_weights(state), get_precision_context(state.precision):
             for n_objects in (1, 2):
                 prompts = load_eval_prompts(self.root, n_objects)
                 stride = max(1, len(prompts) // self.max_prompts)  # an evenly spread, fixed subset

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from composer.core import Callback, Event, State, Time, TimeUnit
+from composer.core import Callback, Event, State, Time, TimeUnit, get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
 
@@ -121,7 +121,7 @@ class SampleGrid(Callback):
     def write(self, state: State, logger: Logger, tag: str) -> Path | None:
         model = unwrap(state.model)
         images = []
-        with ema_weights(state):
+        with ema_weights(state), get_precision_context(state.precision):  # bf16 autocast when training uses it
             for seed in self.seeds:
                 images.append(model.generate(self.prompts, size=self.size, steps=self.steps, guidance=self.guidance,
                                              guidance_scale=self.guidance_scale, seed=seed))
