@@ -134,7 +134,7 @@ class TrainerSection:
     progress_bar: bool = True
     log_to_console: bool = False
     console_log_interval: str = "100ba"
-    fsdp: dict[str, Any] | None = None
+    fsdp: dict[str, Any] | None = None  # FSDP2 settings ({} for defaults); always FSDP2, whatever FSDP_VERSION says
     compile: bool = False
     dist_timeout: float = 300.0
 
@@ -303,6 +303,13 @@ def check_consistency(cfg: TrainConfig) -> None:
     if resolution % patch:
         raise ConfigError(f"data.resolution {resolution} is not a multiple of the patch size {patch} "
                           f"(model.dit.patch_size); use e.g. data.resolution={max(patch, resolution // patch * patch)}")
+    if cfg.trainer.fsdp is not None:
+        from composer.utils.parallelism import FSDP2Config
+
+        valid = sorted(FSDP2Config.settable_attrs() - {"device_mesh"})
+        unknown = sorted(set(cfg.trainer.fsdp) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown key trainer.fsdp.{unknown[0]}; valid FSDP2 keys: {valid}")
     if cfg.data.global_batch_size < 1:
         raise ConfigError(f"data.global_batch_size must be >= 1, got {cfg.data.global_batch_size}")
 

@@ -32,6 +32,9 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
     from composer_prx.train import build_model
 
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        raise ValueError(f"{checkpoint} is a sharded (FSDP2) checkpoint folder; generate reads a single file: "
+                         "train with trainer.fsdp.state_dict_type=full, or resume it for one batch on one rank")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     cfg = C.load_config(config or find_config(checkpoint))

@@ -10,6 +10,7 @@ import sys
 
 from composer import Trainer
 from composer.utils import dist, get_device, reproducibility
+from composer.utils.parallelism import FSDP2Config
 
 from composer_prx import config as C
 from composer_prx.callbacks.resume import ExactResume
@@ -89,7 +90,7 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
         device=t.device,
         precision=t.precision,
         device_train_microbatch_size=t.device_train_microbatch_size,
-        parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
+        parallelism_config={"fsdp": FSDP2Config(**t.fsdp)} if t.fsdp is not None else None,
         save_folder=str(folder / "checkpoints"),
         save_interval=t.save_interval,
         save_num_checkpoints_to_keep=t.save_num_checkpoints_to_keep,

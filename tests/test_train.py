@@ -102,7 +102,7 @@ def test_missing_text_encoder_weights_named(tmp_path, data_root):
 
 def test_fsdp2_two_ranks_trains_and_resumes(tmp_path, data_root):
     """FSDP2 (gloo, CPU): sharded training, sharded checkpoint, and a resume that reloads it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FSDP_VERSION="2")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # trainer.fsdp means FSDP2 without FSDP_VERSION=2
     base = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", "29623",
             "-m", "composer_prx.train", QUICKSTART, "callbacks.samples.interval=null", "trainer.fsdp={}",
             "algorithms.ema=null"]
@@ -116,3 +116,17 @@ def test_fsdp2_two_ranks_trains_and_resumes(tmp_path, data_root):
                             env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "ShapesEval held-out 1obj" in second.stdout
+
+
+def test_bad_sampling_settings_fail_before_training(tmp_path, data_root):
+    from composer_prx.callbacks.quality import ShapesEval
+    from composer_prx.callbacks.samples import SampleGrid
+
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        SampleGrid(["a red circle"], guidance="CFG")
+    with pytest.raises(ValueError, match="steps and .size must be >= 1"):
+        ShapesEval(str(data_root), steps=0)
+    with pytest.raises(ValueError, match="ShapesEval.size 18 is not a multiple of the model's patch size 4"):
+        train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), "callbacks.shapes_eval.size=18"])
+    with pytest.raises(FileNotFoundError, match="has no eval_prompts.json"):
+        train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), f"callbacks.shapes_eval.root={tmp_path}"])

@@ -14,7 +14,7 @@ import torch
 from composer.core import Callback, State, Time, TimeUnit, get_precision_context
 from composer.loggers import Logger
 
-from composer_prx.callbacks.samples import ema_weights, image_grid, save_png, unwrap
+from composer_prx.callbacks.samples import check_sampling, check_size_fits, ema_weights, image_grid, save_png, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class ShapesEval(Callback):
                  guidance_scale: float = 2.0, interval: str | None = None, seed: int = 0,
                  batch_size: int = 64, grid_folder: str | None = "./runs/{run_name}/samples",
                  samples_per_prompt: int = 4, max_prompts: int = 64):
+        check_sampling(size, steps, guidance, "ShapesEval")
         if samples_per_prompt < 1 or max_prompts < 1:
             raise ValueError(f"samples_per_prompt and max_prompts must be >= 1, got {samples_per_prompt}, {max_prompts}")
         self.samples_per_prompt, self.max_prompts = samples_per_prompt, max_prompts
@@ -64,6 +65,13 @@ class ShapesEval(Callback):
         self.seed, self.batch_size = seed, batch_size
         self.grid_folder = grid_folder
         self.results: dict[str, dict[str, float]] = {}
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        check_size_fits(state.model, self.size, "ShapesEval")
+        prompts = Path(self.root) / "eval_prompts.json"
+        if not prompts.is_file():
+            raise FileNotFoundError(f"ShapesEval.root {self.root!r} has no eval_prompts.json; point it at the "
+                                    "shapes data root (data.train.root), which the shapes data builder writes")
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.interval is not None and int(state.timestamp.batch) % self.interval.value == 0:

@@ -38,6 +38,22 @@ def ema_weights(state: State):
             ema._ensure_training_weights_active(state)
 
 
+def check_sampling(size: int, steps: int, guidance: str, owner: str) -> None:
+    """Fail at construction, not hours later at the first sample, on bad sampling settings."""
+    from composer_prx.model.pipeline import GUIDANCE_MODES
+
+    if guidance not in GUIDANCE_MODES:
+        raise ValueError(f"{owner}.guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
+    if steps < 1 or size < 1:
+        raise ValueError(f"{owner}.steps and .size must be >= 1, got steps={steps}, size={size}")
+
+
+def check_size_fits(model: torch.nn.Module, size: int, owner: str) -> None:
+    patch = getattr(unwrap(model), "patch_size", 1)
+    if size % patch:
+        raise ValueError(f"{owner}.size {size} is not a multiple of the model's patch size {patch}")
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The ComposerModel inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -86,8 +102,7 @@ class SampleGrid(Callback):
     ):
         if not prompts:
             raise ValueError("SampleGrid needs at least one prompt")
-        if steps < 1:
-            raise ValueError(f"SampleGrid.steps must be >= 1, got {steps}")
+        check_sampling(size, steps, guidance, "SampleGrid")
         self.prompts = list(prompts)
         self.folder = folder
         self.interval = Time.from_timestring(interval) if interval else None
@@ -106,6 +121,9 @@ class SampleGrid(Callback):
         if (unit == TimeUnit.BATCH) != (event == Event.BATCH_END):
             return False
         return state.timestamp.get(unit).value % self.interval.value == 0
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        check_size_fits(state.model, self.size, "SampleGrid")
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self._due(state, Event.BATCH_END):

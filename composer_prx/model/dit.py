@@ -252,6 +252,14 @@ class PixelDiT(nn.Module):
         x = self.final_proj(torch.addcmul(shift, self.final_norm(x), 1 + scale))
         return unpatchify(x, p, height, width)
 
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """FSDP2 (Composer asks the ComposerModel's children): each transformer block is its own unit."""
+        return any(module is block for block in self.blocks)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """With activation checkpointing on, each transformer block recomputes its activations."""
+        return self.fsdp_wrap_fn(module)
+
     def matmul_flops(self, batch: int, n_img: int, n_txt: int, tokens_per_block: list[int] | None = None) -> int:
         """Forward matmul FLOPs; tokens_per_block gives the image tokens each block processed (routing)."""
         cfg = self.cfg

@@ -173,15 +173,6 @@ class PRXModel(ComposerModel):
         else:
             metric.update(outputs[f"val_loss_t{metric.t_value:.2f}"])
 
-    # ---- distribution -------------------------------------------------------------------------------
-    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
-        """FSDP2 shards each transformer block as its own unit (the root wraps the rest)."""
-        return any(module is block for block in getattr(self.denoiser, "blocks", ()))
-
-    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
-        """With activation checkpointing on, each transformer block recomputes its activations."""
-        return self.fsdp_wrap_fn(module)
-
     # ---- throughput -----------------------------------------------------------------------------
     def flops_per_batch(self, batch: dict) -> int:
         """Matmul FLOPs of forward + backward (3x forward), counting the tokens each block really saw."""

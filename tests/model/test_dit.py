@@ -118,3 +118,15 @@ def test_matmul_flops_counts_tokens():
     c, m = 384, 1344
     expected = 2 * 8 * (256 * c * (4 * c + 2 * m) + 256 * c * 2 * c) + 4 * 8 * 256 * 512 * c
     assert block.matmul_flops(8, 256, 256) == expected
+
+
+def test_composer_fsdp2_policy_wraps_each_block(tiny_model):
+    """Composer asks the ComposerModel's children for fsdp_wrap_fn / activation_checkpointing_fn."""
+    from composer.distributed.fsdp2_utils import generate_composer_model_policy
+
+    policy = generate_composer_model_policy(tiny_model)
+    wrapped = {name for name, module in tiny_model.named_modules() if policy._lambda_fn(module)}
+    blocks = {f"denoiser.blocks.{i}" for i in range(len(tiny_model.denoiser.blocks))}
+    assert blocks <= wrapped and "denoiser.final_proj" not in wrapped
+    assert all(tiny_model.denoiser.activation_checkpointing_fn(b) for b in tiny_model.denoiser.blocks)
+    assert not tiny_model.denoiser.activation_checkpointing_fn(tiny_model.denoiser.patch_in)
