@@ -96,6 +96,7 @@ def resolve(registry: str, name: str) -> Any:
 class TextEncoderSection:
     name_or_path: str = "google/t5gemma-2b-2b-ul2"
     max_length: int = 256
+    dtype: str = "float32"  # weights of the frozen encoder; "bfloat16" halves its memory on GPUs
 
 
 @dataclass
@@ -161,7 +162,8 @@ class TrainConfig:
 
 
 TIME_FIELDS = {"max_duration", "eval_interval", "save_interval", "console_log_interval"}
-CHOICES = {"precision": ("fp32", "amp_bf16", "amp_fp16"), "device": ("cpu", "gpu", "mps", None)}
+CHOICES = {"precision": ("fp32", "amp_bf16", "amp_fp16"), "device": ("cpu", "gpu", "mps", None),
+           "dtype": ("float32", "bfloat16", "float16")}
 
 
 # ---- checking -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
 from composer import Trainer
 from composer.utils import dist, get_device, reproducibility
 from composer.utils.parallelism import FSDP2Config
@@ -28,7 +29,8 @@ def build_model(cfg: C.TrainConfig) -> PRXModel:
     denoiser = PixelDiT(m.dit)
     encoder = None
     if m.text_encoder is not None:
-        encoder = load_text_encoder(m.text_encoder.name_or_path, m.text_encoder.max_length)
+        encoder = load_text_encoder(m.text_encoder.name_or_path, m.text_encoder.max_length,
+                                    getattr(torch, m.text_encoder.dtype))
         if encoder.hidden_size != m.dit.text_dim:
             raise C.ConfigError(
                 f"model.dit.text_dim is {m.dit.text_dim} but the text encoder {m.text_encoder.name_or_path!r} "

@@ -39,6 +39,7 @@ def test_variables_and_overrides():
         ("data.train.batch_size=4", r"data.train \(shapes\).batch_size is set by the trainer"),
         ("trainerr.device=cpu", r"unknown key trainerr; valid keys here"),
         ("trainer.fsdp={state_dict_typ: full}", r"unknown key trainer.fsdp.state_dict_typ; valid FSDP2 keys: \[.*'state_dict_type'"),
+        ("model.text_encoder.dtype=fp8", r"model.text_encoder.dtype must be one of \('float32', 'bfloat16', 'float16'\)"),
         ("model.dit.num_heads=5", r"model.dit: hidden_dim 192 must be divisible by num_heads 5"),
         ("model.time_sampling.std=0", r"model.time_sampling: TimeSampling.std must be > 0"),
         ("optimizer.lrr=0.1", r"unknown key optimizer \(adamw\).lrr; valid keys here: \[.*'lr'"),
