@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from composer_prx import generate, train
+from composer_prx.bench.common import composer_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "yamls" / "quickstart.yaml")
@@ -72,8 +73,7 @@ def test_resume_is_exact(tmp_path, data_root):
 
 def test_two_ranks_with_composer_launcher(tmp_path, data_root):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", "29611",
-           "-m", "composer_prx.train", QUICKSTART, *tiny_overrides(tmp_path, data_root, "ddp", "2ba"),
+    cmd = [*composer_launch(2, "-m", "composer_prx.train"), QUICKSTART, *tiny_overrides(tmp_path, data_root, "ddp", "2ba"),
            "callbacks.samples.interval=null"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -103,8 +103,7 @@ def test_missing_text_encoder_weights_named(tmp_path, data_root):
 def test_fsdp2_two_ranks_trains_and_resumes(tmp_path, data_root):
     """FSDP2 (gloo, CPU): sharded training, sharded checkpoint, and a resume that reloads it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # trainer.fsdp means FSDP2 without FSDP_VERSION=2
-    base = [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--master_port", "29623",
-            "-m", "composer_prx.train", QUICKSTART, "callbacks.samples.interval=null", "trainer.fsdp={}",
+    base = [*composer_launch(2, "-m", "composer_prx.train"), QUICKSTART, "callbacks.samples.interval=null", "trainer.fsdp={}",
             "algorithms.ema=null"]
     first = subprocess.run(base + tiny_overrides(tmp_path, data_root, "fsdp", "2ba"), env=env, capture_output=True,
                            text=True, timeout=600, cwd=tmp_path)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -50,6 +52,19 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     a @ b
     best = min(timed(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def composer_launch(world: int, *args: str) -> list[str]:
+    """The command `composer -n world --master_port <free> *args` (launcher options first, then the target)."""
+    return [sys.executable, "-m", "composer.cli.launcher", "-n", str(world), "--master_port", str(free_port()),
+            *args]
 
 
 def bare_step(model: PRXModel, optimizer: torch.optim.Optimizer, batch: dict) -> None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import torch
 
-from composer_prx.bench.common import REFERENCE, matmul_peak_gflops, median, reference_batch, reference_model, timed
+from composer_prx.bench.common import (REFERENCE, composer_launch, matmul_peak_gflops, median, reference_batch,
+                                       reference_model, timed)
 from composer_prx.optim import build_adamw, build_muon, muon_param_groups, newton_schulz, newton_schulz_flops
 
 WORKER_FLAG = "--fsdp-worker"
@@ -109,26 +109,9 @@ def _ns_gflop(optimizer) -> float:
 # ---- (b) FSDP2 ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fsdp(world: int, steps: int, muon_fsdp2_native: bool) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "composer.cli.launcher",
-        "-n",
-        str(world),
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "composer_prx.bench.muon",
-        WORKER_FLAG,
-        json.dumps({"steps": steps, "native": muon_fsdp2_native}),
-    ]
+    cmd = composer_launch(world, "-m", "composer_prx.bench.muon", WORKER_FLAG,
+                          json.dumps({"steps": steps, "native": muon_fsdp2_native}))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -37,17 +37,6 @@ from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "Muon",
-    "MuonSettings",
-    "AdamWSettings",
-    "UpdateRMSMonitor",
-    "build_adamw",
-    "build_muon",
-    "muon_param_groups",
-    "newton_schulz",
-    "newton_schulz_flops",
-]
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of the quintic p(x) = a x + b x^3 + c x^5
 SCALINGS = ("moonlight", "keller", "none")

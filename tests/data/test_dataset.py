@@ -143,16 +143,16 @@ def test_two_ranks_cover_the_epoch_once_and_resume_exactly(tmp_path):
     import json
     import os
     import subprocess
-    import sys
+
+    from composer_prx.bench.common import composer_launch
 
     expected = write_buckets(tmp_path / "ds", SIZES)
     out = tmp_path / "out"
     out.mkdir()
-    launcher = os.path.join(os.path.dirname(sys.executable), "composer")
     script = os.path.join(os.path.dirname(__file__), "dist_epoch.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([launcher, "-n", "2", "--stdout", str(out / "log{rank}.txt"), "--stderr",
-                             str(out / "err{rank}.txt"), script, str(tmp_path / "ds"), str(out)],
+    result = subprocess.run([*composer_launch(2, "--stdout", str(out / "log{rank}.txt"), "--stderr",
+                             str(out / "err{rank}.txt"), script, str(tmp_path / "ds"), str(out))],
                             env=env, capture_output=True, text=True, timeout=300)
     logs = "".join((out / f).read_text() for f in os.listdir(out) if f.endswith(".txt"))
     assert result.returncode == 0, result.stderr[-3000:] + logs[-3000:]

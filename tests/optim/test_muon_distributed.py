@@ -10,39 +10,22 @@ the smallest per-tensor movement of the parameters (1.5e-2): a lost, duplicated 
 """
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from composer_prx.bench.common import composer_launch
 from tests.optim import muon_dist_run
 
 SCRIPT = Path(muon_dist_run.__file__)
 ATOL = 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, out: Path) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[2]), os.environ.get("PYTHONPATH", "")])}
-    cmd = [
-        sys.executable,
-        "-m",
-        "composer.cli.launcher",
-        "-n",
-        str(world),
-        "--master_port",
-        str(_free_port()),
-        str(SCRIPT),
-        str(out),
-    ]
+    cmd = composer_launch(world, str(SCRIPT), str(out))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"composer -n {world} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {p.stem: torch.load(p) for p in out.glob("*.pt")}
