@@ -2,9 +2,13 @@
 
     t in [0, 1], t = 0 clean, t = 1 noise
     x_t = (1 - t) * x + t * eps                       (noising)
-    v   = eps - x                                     (velocity target, d x_t / d t)
     v_hat = (x_t - x_hat) / max(t, t_min)             (x-prediction -> velocity, JiT, t_min = 0.05)
-    loss  = mean ||v_hat - v||^2
+    v     = (x_t - x) / max(t, t_min)                 (velocity target, clamped alike; = eps - x for t >= t_min)
+    loss  = mean ||v_hat - v||^2 = mean ||x_hat - x||^2 / max(t, t_min)^2
+
+Both sides are clamped, so the loss is an x-loss weighted by 1 / max(t, t_min)^2 and its minimiser
+is x_hat = x (E[x | x_t] over data) at every t.  The sampler converts x_hat with the exact ODE
+velocity (x_t - x_hat) / t, which needs no clamp since it never evaluates t = 0.
 
 Timesteps are drawn logit-normal, t = sigmoid(mean + std * n), optionally mixed with uniform t,
 then moved towards noise by the resolution shift  t' = s t / (1 + (s - 1) t).  Sampling walks the
@@ -75,14 +79,17 @@ def add_noise(x: Tensor, eps: Tensor, t: Tensor) -> Tensor:
     return (1.0 - t) * x + t * eps
 
 
-def v_target(x: Tensor, eps: Tensor) -> Tensor:
-    """v = eps - x."""
-    return eps - x
-
-
 def x_to_v(x_t: Tensor, x_pred: Tensor, t: Tensor, t_min: float = T_MIN) -> Tensor:
     """v_hat = (x_t - x_hat) / max(t, t_min)."""
     return (x_t - x_pred) / _expand(t, x_t).clamp(min=t_min)
+
+
+def v_target(x_t: Tensor, x: Tensor, t: Tensor, t_min: float = T_MIN) -> Tensor:
+    """v = (x_t - x) / max(t, t_min): x_to_v of the clean image, so x_hat = x gives zero loss at every t.
+
+    Equals eps - x for t >= t_min; below it both sides share the clamp (JiT).
+    """
+    return x_to_v(x_t, x, t, t_min)
 
 
 def v_to_x(x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:

@@ -1,9 +1,13 @@
 """Property tests of the one timestep convention (composer_prx.flow)."""
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from composer_prx import flow
+from composer_prx.model.pipeline import PRXModel
 
 
 def test_noising_endpoints():
@@ -19,11 +23,63 @@ def test_x_v_round_trip_and_clamp():
     t = torch.tensor([0.06, 0.1, 0.3, 0.5, 0.9, 1.0])
     x_t = flow.add_noise(x, eps, t)
     v = flow.x_to_v(x_t, x, t)
-    torch.testing.assert_close(v, flow.v_target(x, eps))  # the true x gives the true velocity
+    torch.testing.assert_close(v, eps - x)  # above t_min the true x gives the true velocity d x_t / d t
+    torch.testing.assert_close(flow.v_target(x_t, x, t), eps - x)
     torch.testing.assert_close(flow.v_to_x(x_t, v, t), x)
     small = torch.full((6,), 0.01)
     x_small = flow.add_noise(x, eps, small)
     torch.testing.assert_close(flow.x_to_v(x_small, x, small), (x_small - x) / 0.05)  # max(t, 0.05)
+    torch.testing.assert_close(flow.v_target(x_small, x, small), (x_small - x) / 0.05)  # the target clamps alike
+
+
+class FreeImage(nn.Module):
+    """A "denoiser" whose prediction is a free tensor x_hat, whatever its input: the loss is then a function of x_hat."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.x_hat = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x_t, t, text, text_mask=None):
+        return self.x_hat.expand_as(x_t)
+
+
+def training_loss_minimiser(t_value: float, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """argmin over x_hat of PRXModel's training loss at t = t_value with fixed noise, found by L-BFGS."""
+    denoiser = FreeImage(x.shape)
+    model = PRXModel(denoiser, time_sampling=flow.TimeSampling(mean=math.log(t_value / (1 - t_value)), std=1e-6),
+                     caption_dropout=0.0)
+    batch = {"image": x, "text_emb": torch.zeros(x.shape[0], 2, 4)}
+
+    def loss_of_x_hat():
+        torch.manual_seed(0)  # the same eps every evaluation: the loss is a deterministic function of x_hat
+        out = model(batch)
+        torch.testing.assert_close(out.t, torch.full_like(out.t, t_value))
+        return model.loss(out, batch)
+
+    opt = torch.optim.LBFGS(denoiser.parameters(), lr=1.0, max_iter=200, tolerance_grad=1e-12,
+                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of_x_hat()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    minimiser = denoiser.x_hat.detach().clone()
+    with torch.no_grad():
+        denoiser.x_hat.copy_(x)
+        loss_at_x = loss_of_x_hat().item()
+    return minimiser, loss_at_x
+
+
+@pytest.mark.parametrize("t_value", [0.01, 0.03, 0.05, 0.3, 0.9])
+def test_training_loss_minimiser_is_the_clean_image_at_every_t(t_value):
+    """The x_hat that minimises the training loss is x at every t, also below the clamp t_min = 0.05."""
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    minimiser, loss_at_x = training_loss_minimiser(t_value, x)
+    torch.testing.assert_close(minimiser, x, rtol=0, atol=1e-4)
+    assert loss_at_x < 1e-10
 
 
 def test_shift_monotone_identity_and_endpoints():
@@ -50,19 +106,43 @@ def test_sample_t_distribution():
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
-@pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_sampler_recovers_known_linear_path(method, shift):
+@pytest.mark.parametrize("shift, steps", [(1.0, 7), (1.0, 25), (1.0, 50), (3.0, 7), (3.0, 25)])
+def test_sampler_on_the_exact_optimum_recovers_x(method, shift, steps):
+    """x_hat = x (the training loss's minimiser at every t) walked from pure noise lands on x."""
     x, eps = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     calls = []
 
-    def oracle(x_t, t):  # a perfect x-predictor for a path from this one x
+    def oracle(x_t, t):  # the exact optimum for a path from this one x
         calls.append(t[0].item())
         return x.expand_as(x_t)
 
-    out = flow.sample(oracle, eps, steps=7, shift=shift, method=method)
-    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+    out = flow.sample(oracle, eps, steps=steps, shift=shift, method=method)
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-5)
     assert calls[0] == 1.0 and min(calls) > 0.0
-    assert len(calls) == (7 if method == "euler" else 13)  # Heun: 2 per step except the last
+    assert len(calls) == (steps if method == "euler" else 2 * steps - 1)  # Heun: 2 per step except the last
+
+
+@pytest.mark.parametrize("shift", [0.5, 3.0, 6.0])
+def test_shift_moves_the_sampling_grid_as_defined(shift):
+    """The denoiser is called at t' = s t / (1 + (s - 1) t) of the uniform grid 1, 1 - 1/n, ..., 1/n."""
+    steps = 10
+    seen = {}
+
+    def record(key):
+        def denoise(x_t, t):
+            seen.setdefault(key, []).append(t[0].item())
+            return 0.5 * x_t  # not an oracle: the path depends on where it is evaluated
+        return denoise
+
+    noise = torch.randn(1, 3, 4, 4)
+    plain = flow.sample(record("plain"), noise, steps)
+    shifted = flow.sample(record("shifted"), noise, steps, shift=shift)
+    uniform = [1 - i / steps for i in range(steps)]
+    assert seen["plain"] == pytest.approx(uniform, abs=1e-6)
+    assert seen["shifted"] == pytest.approx([shift * t / (1 + (shift - 1) * t) for t in uniform], abs=1e-6)
+    interior = zip(seen["plain"][1:], seen["shifted"][1:])
+    assert all((s > p) if shift > 1 else (s < p) for p, s in interior)  # s > 1 spends more steps near noise
+    assert not torch.allclose(plain, shifted)
 
 
 def test_euler_step_follows_velocity():

@@ -3,7 +3,7 @@
     batch {"image" [B,3,H,W] in [-1,1], "caption" list[str] | "text_emb" [B,T,C] + "text_mask" [B,T]}
       -> text (frozen encoder, caption dropout to "no text")  -> t ~ logit-normal, eps ~ N(0, I)
       -> x_t = (1-t) x + t eps -> x_pred = denoiser(x_t, t, text) -> v_pred = (x_t - x_pred)/max(t, 0.05)
-      -> FlowOutput (read by algorithms from state.outputs) -> loss = mean ||v_pred - (eps - x)||^2
+      -> FlowOutput (read by algorithms from state.outputs) -> loss = mean ||v_pred - (x_t - x)/max(t, 0.05)||^2
 
 The dropped ("null") prompt is the empty text: every text token masked out, so unconditional
 predictions see the image tokens alone.  The same null prompt serves classifier-free guidance.
@@ -33,7 +33,7 @@ class FlowOutput:
     t: Tensor  # [B]
     x_pred: Tensor  # [B, 3, H, W]
     v_pred: Tensor  # [B, 3, H, W]
-    v_target: Tensor  # [B, 3, H, W]
+    v_target: Tensor  # [B, 3, H, W] (x_t - x) / max(t, t_min), = eps - x for t >= t_min
     text: Tensor  # [B, T, C] text embeddings given to the denoiser
     text_mask: Tensor  # [B, T] bool, False where padded or dropped
 
@@ -143,7 +143,8 @@ class PRXModel(ComposerModel):
         x_t = flow.add_noise(x, eps, t)
         x_pred = self.denoiser(x_t, t, text, mask)
         v_pred = flow.x_to_v(x_t, x_pred, t, self.t_min)
-        return FlowOutput(x=x, x_t=x_t, t=t, x_pred=x_pred, v_pred=v_pred, v_target=flow.v_target(x, eps),
+        return FlowOutput(x=x, x_t=x_t, t=t, x_pred=x_pred, v_pred=v_pred,
+                          v_target=flow.v_target(x_t, x, t, self.t_min),
                           text=text, text_mask=mask)
 
     def loss(self, outputs: FlowOutput, batch: dict) -> Tensor:
