@@ -2,7 +2,8 @@
 
 The model is rebuilt from the run's resolved config (config.yaml beside the checkpoints folder, or
 --config), then the checkpoint's weights are loaded (EMA weights when the run used EMA: Composer's
-checkpoints hold them in the model state).
+checkpoints hold them in the model state). --guidance tread (self-guidance) routes the TREAD route the
+run trained with, read from that config, unless --tread-route START END RATIO says otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from composer_prx import config as C
 from composer_prx.callbacks.samples import image_grid, save_png
-from composer_prx.model.pipeline import GUIDANCE_MODES, PRXModel
+from composer_prx.model.pipeline import DEFAULT_GUIDANCE_SCALE, GUIDANCE_MODES, PRXModel
 
 
 def find_config(checkpoint: Path) -> Path:
@@ -25,6 +26,16 @@ def find_config(checkpoint: Path) -> Path:
     raise FileNotFoundError(
         f"no config.yaml next to {checkpoint} or its parent folder; pass the run's config with --config"
     )
+
+
+def record_trained_routes(model: PRXModel, cfg: C.TrainConfig) -> None:
+    """Record on the model the TREAD routes the run's config trained with (what self-guidance routes)."""
+    from composer_prx.algorithms.tread import Tread, record_routes
+
+    for name, kwargs in cfg.algorithms.items():
+        algorithm = C.resolve("algorithms", name)
+        if isinstance(algorithm, type) and issubclass(algorithm, Tread):
+            record_routes(model, algorithm(**kwargs).routes)
 
 
 def load_model(checkpoint: str | Path, config: str | Path | None = None, device: str = "cpu") -> PRXModel:
@@ -39,6 +50,7 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     cfg = C.load_config(config or find_config(checkpoint))
     model = build_model(cfg)
+    record_trained_routes(model, cfg)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     weights = state["state"]["model"] if "state" in state else state
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -57,7 +69,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--size", type=int, default=None, help="default: the run's training resolution")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", choices=GUIDANCE_MODES, default="cfg")
-    parser.add_argument("--scale", type=float, default=4.0)
+    parser.add_argument("--scale", type=float, default=None,
+                        help=f"guidance scale; default per guidance {DEFAULT_GUIDANCE_SCALE}")
+    parser.add_argument("--tread-route", nargs=3, metavar=("START", "END", "RATIO"), default=None,
+                        help="route of --guidance tread; default: the route the run trained with")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", choices=("euler", "heun"), default="euler")
     parser.add_argument("--device", default="cpu")
@@ -66,8 +81,12 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.WARNING)
     model = load_model(args.checkpoint, args.config, args.device)
     size = args.size or C.load_config(args.config or find_config(Path(args.checkpoint))).data.resolution
+    route = None
+    if args.tread_route is not None:
+        start, end, ratio = args.tread_route
+        route = (int(start), int(end), float(ratio))
     images = model.generate(args.prompt, size=size, steps=args.steps, guidance=args.guidance,
-                            guidance_scale=args.scale, seed=args.seed, method=args.method)
+                            guidance_scale=args.scale, seed=args.seed, method=args.method, tread_route=route)
     path = save_png(image_grid(images, columns=len(args.prompt)), args.out, args.upscale)
     print(f"wrote {path}")
     return path

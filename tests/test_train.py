@@ -50,6 +50,24 @@ def test_quickstart_config_trains_checkpoints_samples_and_evaluates(tmp_path, da
     from PIL import Image
 
     assert Image.open(out).size == (16 * 2 + 2, 16)
+    ckpt = str(run / "checkpoints" / "latest-rank0.pt")
+    with pytest.raises(ValueError, match="no recorded TREAD route"):  # this run trained without TREAD
+        generate.main([ckpt, "--prompt", "a red circle", "--steps", "1", "--guidance", "tread"])
+    routed = generate.main([ckpt, "--prompt", "a red circle", "--steps", "1", "--guidance", "tread",
+                            "--tread-route", "0", "-1", "0.5", "--out", str(tmp_path / "t.png")])
+    assert Image.open(routed).size == (16, 16)
+
+
+def test_generate_routes_the_tread_route_of_the_run_config():
+    from composer_prx import config as C
+    from composer_prx.algorithms.tread import Route, trained_routes
+
+    cfg = C.load_config(QUICKSTART, ["model.text_encoder=null", "algorithms.tread={route_start: 1, route_end: -2, "
+                                     "ratio: 0.25}"])
+    model = train.build_model(cfg)
+    assert trained_routes(model) is None
+    generate.record_trained_routes(model, cfg)
+    assert trained_routes(model) == [Route(1, 2, 0.25)]  # quickstart depth 4: -2 is block 2
 
 
 def _weights(trainer):

@@ -14,12 +14,12 @@ of block e unchanged:
 
 Routed blocks cost ~ (1 - r) of their dense FLOPs; nothing is dropped, so the loss sees every token.
 While tokens are routed, ``denoiser.routing`` holds a `Routing` (kept indices [B, |K|], N, s, e)
-and is ``None`` otherwise (DESIGN.md contract 4): a hook on block k reads it together with the
-block's output to know which tokens that output holds (at block e, a forward hook registered before
+and is ``None`` otherwise (README, Contracts for your own model, 4): a hook on block k reads it
+together with the block's output to know which tokens that output holds (at block e, a forward hook registered before
 TREAD's sees the kept tokens and the Routing, one registered after sees all N tokens and None).
 
-How it attaches (DESIGN.md contract 3, no model method is replaced): forward pre-hooks and forward
-hooks on the denoiser and on ``denoiser.blocks[s] .. [e]``; every block is called as
+How it attaches (README, Contracts for your own model, 3; no model method is replaced): forward
+pre-hooks and forward hooks on the denoiser and on ``denoiser.blocks[s] .. [e]``; every block is called as
 ``block(x, ctx)`` and ``ctx.select(idx [B, K])`` restricts the per-token context. The denoiser is
 ``model.denoiser`` when present, else ``model`` itself when it has an ``nn.ModuleList`` ``blocks``,
 else the shallowest submodule that has one (it must be unique).
@@ -31,8 +31,9 @@ training step; reentrant checkpoints must wrap the blocks before TREAD attaches,
 at FIT_START, else the first routed forward raises). `Tread` reseeds its generator from (seed, rank, batch, micro-batch), so
 a resumed run routes exactly like an uninterrupted one.
 
-Sampling-time self-guidance ("Guiding Token-Sparse Diffusion Models", Krause et al. 2025) uses
-`tread_routing`:  out = routed + w (dense - routed), both predictions with the real prompt.
+Training routing (`Tread`, `apply_tread`) records its resolved routes as ``denoiser.tread_routes``;
+sampling-time self-guidance ("Guiding Token-Sparse Diffusion Models", Krause et al. 2025) routes
+those by default through `tread_routing`:  out = routed + w (dense - routed), both with the prompt.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Route", "Routing", "Tread", "TreadHandle", "apply_tread", "find_denoiser", "tread_routing"]
+__all__ = ["Route", "Routing", "Tread", "TreadHandle", "apply_tread", "find_denoiser", "parse_routes",
+           "plan_routes", "record_routes", "trained_routes", "tread_routing"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Route:
 
 @dataclass
 class Routing:
-    """What `denoiser.routing` holds while tokens are routed (DESIGN.md contract 4).
+    """What `denoiser.routing` holds while tokens are routed (README, Contracts for your own model, 4).
 
     keep_idx [B, N_keep] long: indices (into the N tokens entering block route_start) of the tokens
     that run through blocks route_start .. route_end (inclusive); n_tokens = N.
@@ -136,6 +138,17 @@ def _parse_route(spec: Route | Mapping | Sequence) -> Route:
     )
 
 
+def parse_routes(spec: Route | Mapping | Sequence) -> list[Route]:
+    """One route (a Route, a route_start/route_end/ratio mapping or a triple) or a list of them -> [Route]."""
+    if isinstance(spec, (Route, Mapping)) or (
+        isinstance(spec, Sequence) and len(spec) == 3 and all(not isinstance(v, (Sequence, Mapping, Route)) for v in spec)
+    ):
+        return [_parse_route(spec)]
+    if isinstance(spec, str) or not isinstance(spec, Sequence) or len(spec) == 0:
+        raise ValueError(f"TREAD routes must be a route or a non-empty list of routes, got {spec!r}")
+    return [_parse_route(item) for item in spec]
+
+
 def find_denoiser(model: nn.Module) -> nn.Module:
     """The module whose `blocks` get routed: `model.denoiser` if present, else `model` if it has an
     nn.ModuleList `blocks`, else the unique shallowest submodule that has one (DDP is unwrapped)."""
@@ -161,7 +174,8 @@ def find_denoiser(model: nn.Module) -> nn.Module:
     if not best:
         raise ValueError(
             f"TREAD found no denoiser in {type(model).__name__}: it needs `model.denoiser` or a module with an "
-            "nn.ModuleList `blocks` whose blocks are called as block(x [B, N, C], ctx) (DESIGN.md contract 3)"
+            "nn.ModuleList `blocks` whose blocks are called as block(x [B, N, C], ctx) "
+            "(README, Contracts for your own model, 3)"
         )
     raise ValueError(
         f"TREAD found several candidate denoisers {[name for name, _ in best]} in {type(model).__name__}; "
@@ -185,7 +199,8 @@ def _check_blocks(denoiser: nn.Module) -> nn.ModuleList:
         except TypeError as err:
             raise ValueError(
                 f"TREAD: block {i} ({type(block).__name__}.forward{signature}) cannot be called as "
-                f"block(x, ctx) ({err}); the denoiser protocol (DESIGN.md contract 3) needs that signature"
+                f"block(x, ctx) ({err}); the denoiser protocol (README, Contracts for your own model, 3) needs "
+                "that signature"
             ) from err
         params = list(signature.parameters.values())
         if len(params) < 2 or params[0].kind not in positional or params[1].kind not in positional:
@@ -198,7 +213,8 @@ def _check_blocks(denoiser: nn.Module) -> nn.ModuleList:
         if isinstance(ctx_type, type) and ctx_type is not object and not callable(getattr(ctx_type, "select", None)):
             raise ValueError(
                 f"TREAD: block {i} ({type(block).__name__}) takes {params[1].name}: {ctx_type.__name__}, which has "
-                "no select(idx [B, K]) method; the denoiser protocol (DESIGN.md contract 3) needs ctx.select "
+                "no select(idx [B, K]) method; the denoiser protocol (README, Contracts for your own model, 3) "
+                "needs ctx.select "
                 "to restrict per-token fields (e.g. RoPE) to the kept tokens"
             )
     return blocks
@@ -268,6 +284,15 @@ class TreadHandle:
     def attached(self) -> bool:
         return bool(self._hooks)
 
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Inside: forwards are dense; the hooks stay attached (no re-planning between calls)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def remove(self) -> None:
         """Remove every hook and forget the stashed tensors; the denoiser is dense again."""
         for hook in self._hooks:
@@ -306,7 +331,7 @@ class TreadHandle:
             if not callable(getattr(ctx, "select", None)):
                 raise TypeError(
                     f"TREAD: block {route.start} got ctx of type {type(ctx).__name__}, which has no select(idx); "
-                    "the denoiser protocol (DESIGN.md contract 3) needs ctx.select(idx [B, K])"
+                    "the denoiser protocol (README, Contracts for your own model, 3) needs ctx.select(idx [B, K])"
                 )
             batch, n_tokens, dim = x.shape
             keep_idx = self._keep.get(r)
@@ -407,7 +432,26 @@ def apply_tread(
         )
     if generator is None:
         generator = torch.Generator().manual_seed(0)
+    if not always:  # a training route: what self-guidance routes by default
+        denoiser.tread_routes = resolved
     return TreadHandle(denoiser, resolved, generator, always)
+
+
+def plan_routes(model: nn.Module, routes: Sequence[Route | Mapping | Sequence]) -> list[Route]:
+    """`routes` resolved against `model`'s denoiser (non-negative, ordered, checked); ValueError naming a problem."""
+    return _plan(model, [_parse_route(spec) for spec in routes])[1]
+
+
+def record_routes(model: nn.Module, routes: Sequence[Route | Mapping | Sequence]) -> list[Route]:
+    """Record `routes` (resolved) as the ones `model`'s denoiser was trained with: ``denoiser.tread_routes``."""
+    resolved = plan_routes(model, routes)
+    find_denoiser(model).tread_routes = resolved
+    return resolved
+
+
+def trained_routes(model: nn.Module) -> list[Route] | None:
+    """The routes recorded by `Tread` / `apply_tread` / `record_routes` on `model`'s denoiser, or None."""
+    return getattr(find_denoiser(model), "tread_routes", None)
 
 
 @contextlib.contextmanager
@@ -417,17 +461,20 @@ def tread_routing(
     route_end: int = -2,
     ratio: float = 0.5,
     generator: torch.Generator | None = None,
+    *,
+    routes: Sequence[Route | Mapping | Sequence] | None = None,
 ) -> Iterator[TreadHandle]:
     """Inside: every forward of `denoiser` routes (fresh selection per call from `generator`); outside: none.
 
-    Other TREAD routing attached to the same denoiser (a training `Tread`) is paused inside.
+    One route or several `routes`. Other TREAD routing attached to the same denoiser (a training
+    `Tread`) is paused inside; ``handle.suspended()`` gives dense forwards without re-planning.
     Self-guidance:  out = routed + w (dense - routed).
     """
     others = list(_ROUTERS.get(find_denoiser(denoiser), []))
     for other in others:
         other._paused += 1
     try:
-        handle = apply_tread(denoiser, route_start, route_end, ratio, generator=generator, always=True)
+        handle = apply_tread(denoiser, route_start, route_end, ratio, routes=routes, generator=generator, always=True)
         try:
             yield handle
         finally:
@@ -456,8 +503,9 @@ class Tread(Algorithm):
         seed: selection seed; default the trainer's rank-zero seed. Each micro-batch reseeds the
             generator from (seed, rank, batch, micro-batch index).
 
-    Validated at Event.INIT (denoiser found, blocks follow the protocol, indices in range), hooks
-    attached at FIT_START (after any wrapping) and removed at FIT_END. Routes only training forwards.
+    Validated and recorded as ``denoiser.tread_routes`` at Event.INIT (denoiser found, blocks follow
+    the protocol, indices in range), hooks attached at FIT_START (after any wrapping) and removed at
+    FIT_END. Routes only training forwards.
     Logs tread/keep_fraction and tread/routed_blocks.
     """
 
@@ -500,7 +548,7 @@ class Tread(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            self._check(state.model)
+            record_routes(state.model, self.routes)  # checks them too; generate(guidance="tread") routes these
             if self.seed is None:
                 self.seed = int(state.rank_zero_seed)
         elif event == Event.FIT_START:
@@ -525,10 +573,6 @@ class Tread(Algorithm):
         elif event == Event.FIT_END and self.handle is not None:
             self.handle.remove()
             self.handle = None
-
-    def _check(self, model: nn.Module) -> None:
-        """Validate at INIT exactly what apply_tread will need (raises ValueError naming the problem)."""
-        _plan(model, self.routes)
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"seed": self.seed}

@@ -1,7 +1,8 @@
 """SampleGrid: image grids at fixed prompts and seeds, written as PNG into the run folder.
 
 Generation runs on every rank (a sharded model needs all of them); rank 0 writes the file. When
-Composer's EMA algorithm is present, samples use the EMA weights.
+Composer's EMA algorithm is present, samples use the EMA weights. guidance="tread" (self-guidance)
+routes the training `Tread` route unless `tread_route` gives another.
 """
 
 from __future__ import annotations
@@ -86,7 +87,11 @@ def save_png(pixels: np.ndarray, path: str | Path, upscale: int = 1) -> Path:
 
 
 class SampleGrid(Callback):
-    """Every `interval` and at the end of training, sample `prompts` (each with `seeds`) into a PNG grid."""
+    """Every `interval` and at the end of training, sample `prompts` (each with `seeds`) into a PNG grid.
+
+    guidance_scale defaults per guidance (cfg 4.0, tread 1.5); tread_route (a [start, end, ratio]
+    triple or a list of routes) defaults to the route the model trains with.
+    """
 
     def __init__(
         self,
@@ -96,13 +101,21 @@ class SampleGrid(Callback):
         size: int = 256,
         steps: int = 25,
         guidance: str = "cfg",
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         seeds: list[int] | None = None,
         upscale: int = 1,
+        tread_route: list | None = None,
     ):
         if not prompts:
             raise ValueError("SampleGrid needs at least one prompt")
         check_sampling(size, steps, guidance, "SampleGrid")
+        if tread_route is not None:
+            from composer_prx.algorithms.tread import parse_routes
+
+            if guidance != "tread":
+                raise ValueError(f"SampleGrid.tread_route is only used with guidance='tread', got guidance={guidance!r}")
+            parse_routes(tread_route)  # a malformed route fails here, not at the first sample
+        self.tread_route = tread_route
         self.prompts = list(prompts)
         self.folder = folder
         self.interval = Time.from_timestring(interval) if interval else None
@@ -124,6 +137,11 @@ class SampleGrid(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         check_size_fits(state.model, self.size, "SampleGrid")
+        if self.guidance == "tread":
+            try:
+                unwrap(state.model).guidance_routes(self.tread_route)  # trained route recorded, indices in range
+            except ValueError as err:
+                raise ValueError(f"SampleGrid: {err} (SampleGrid.tread_route)") from err
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self._due(state, Event.BATCH_END):
@@ -142,7 +160,8 @@ class SampleGrid(Callback):
         with ema_weights(state), get_precision_context(state.precision):  # bf16 autocast when training uses it
             for seed in self.seeds:
                 images.append(model.generate(self.prompts, size=self.size, steps=self.steps, guidance=self.guidance,
-                                             guidance_scale=self.guidance_scale, seed=seed))
+                                             guidance_scale=self.guidance_scale, seed=seed,
+                                             tread_route=self.tread_route))
         grid = image_grid(torch.cat(images), columns=len(self.prompts))
         if dist.get_global_rank() != 0:
             return None

@@ -11,7 +11,9 @@ predictions see the image tokens alone.  The same null prompt serves classifier-
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from composer.models import ComposerModel
@@ -22,6 +24,7 @@ from composer_prx import flow
 from composer_prx.model.text import TextEncoder
 
 GUIDANCE_MODES = ("none", "cfg", "tread")
+DEFAULT_GUIDANCE_SCALE = {"none": 1.0, "cfg": 4.0, "tread": 1.5}  # tread: CompVis TREAD's self-guidance scale
 
 
 @dataclass
@@ -194,24 +197,27 @@ class PRXModel(ComposerModel):
         size: int | tuple[int, int] = 256,
         steps: int = 25,
         guidance: str = "cfg",
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         seed: int = 0,
         method: str = "euler",
         shift: float | None = None,
         text: tuple[Tensor, Tensor] | None = None,
-        tread_route: tuple[int, int, float] = (1, -2, 0.5),
+        tread_route: Any = None,
     ) -> Tensor:
         """Sample images [B, 3, H, W] in [0, 1] from prompts (or precomputed (text, mask)).
 
         guidance: "none"; "cfg"  out = uncond + w (cond - uncond);
-        "tread" (self-guidance)  out = routed + w (dense - routed), both with the prompt,
-        routed = the denoiser with tokens routed over tread_route = (start, end, ratio).
+        "tread" (self-guidance)  out = routed + w (dense - routed), both with the prompt, routed over
+        tread_route (a (start, end, ratio) triple or a list of routes; default the trained route).
+        guidance_scale w defaults to DEFAULT_GUIDANCE_SCALE[guidance] (cfg 4.0, tread 1.5).
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
+        scale = DEFAULT_GUIDANCE_SCALE[guidance] if guidance_scale is None else guidance_scale
         height, width = (size, size) if isinstance(size, int) else size
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"size {height}x{width} must be a multiple of the patch size {self.patch_size}")
+        routes = self.guidance_routes(tread_route) if guidance == "tread" else None
         device = next(self.denoiser.parameters()).device
         if text is None:
             if prompts is None:
@@ -229,20 +235,37 @@ class PRXModel(ComposerModel):
                 both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]),
                                      torch.cat([cond_mask, torch.zeros_like(cond_mask)]))
                 x_cond, x_uncond = both.chunk(2)
-                return flow.guide(x_cond, x_uncond, guidance_scale)
-            from composer_prx.algorithms.tread import tread_routing
-
-            dense = self.denoiser(x_t, t, cond, cond_mask)
-            start, end, ratio = tread_route
-            with tread_routing(self.denoiser, start, end, ratio, generator=gen):
-                routed = self.denoiser(x_t, t, cond, cond_mask)
-            return flow.guide(dense, routed, guidance_scale)
+                return flow.guide(x_cond, x_uncond, scale)
+            with routing.suspended():
+                dense = self.denoiser(x_t, t, cond, cond_mask)
+            routed = self.denoiser(x_t, t, cond, cond_mask)
+            return flow.guide(dense, routed, scale)
 
         was_training = self.training
         self.eval()
         try:
-            shift = self.time_sampling.shift if shift is None else shift
-            images = flow.sample(denoise, noise, steps, shift=shift, method=method)
+            with contextlib.ExitStack() as stack:
+                if routes is not None:  # hooks planned once for the whole loop; a fresh selection per call
+                    from composer_prx.algorithms.tread import tread_routing
+
+                    routing = stack.enter_context(tread_routing(self.denoiser, routes=routes, generator=gen))
+                shift = self.time_sampling.shift if shift is None else shift
+                images = flow.sample(denoise, noise, steps, shift=shift, method=method)
         finally:
             self.train(was_training)
         return ((images.clamp(-1, 1) + 1) / 2).float()
+
+    def guidance_routes(self, tread_route: Any = None) -> list:
+        """The routes TREAD self-guidance uses: `tread_route` if given, else the ones training recorded."""
+        from composer_prx.algorithms.tread import parse_routes, plan_routes, trained_routes
+
+        if tread_route is not None:
+            return plan_routes(self, parse_routes(tread_route))
+        routes = trained_routes(self)
+        if routes is None:
+            raise ValueError(
+                "guidance='tread' routes the denoiser like its training did, but this model has no recorded TREAD "
+                "route (it was not trained with algorithms.tread, or was built outside that run); pass "
+                "tread_route=(route_start, route_end, ratio)"
+            )
+        return routes

@@ -388,6 +388,61 @@ def test_prx_generate_self_guidance():
     assert model.denoiser.routing is None
 
 
+def _tokens_per_forward(dit: PixelDiT) -> tuple[list[list[int]], list]:
+    """Record, per denoiser forward, the image tokens each block processed (block.tokens_seen after its call)."""
+    calls: list[list[int]] = []
+    hooks = [dit.register_forward_pre_hook(lambda module, args: calls.append([]))]
+    for block in dit.blocks:
+        hooks.append(block.register_forward_hook(lambda module, args, out: calls[-1].append(module.tokens_seen)))
+    return calls, hooks
+
+
+def test_self_guidance_routes_the_trained_route_with_its_own_default_scale(monkeypatch):
+    from composer_prx.algorithms import tread as tread_module
+    from composer_prx.model.pipeline import DEFAULT_GUIDANCE_SCALE, PRXModel
+
+    model = PRXModel(make_dit(depth=6), caption_dropout=0.0)
+    handle = apply_tread(model, 2, 3, 0.75)  # trained with blocks 2..3 routing 75% of the tokens
+    handle.remove()  # training is over; the recorded route stays
+    assert find_denoiser(model).tread_routes == [Route(2, 3, 0.75)]
+    text = (torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool))
+    plans = []
+    real_plan = tread_module._plan
+    monkeypatch.setattr(tread_module, "_plan", lambda *a: plans.append(1) or real_plan(*a))
+    calls, hooks = _tokens_per_forward(model.denoiser)
+    default = model.generate(text=text, size=16, steps=4, guidance="tread", seed=2)
+    for hook in hooks:
+        hook.remove()
+    assert len(plans) == 1  # hooks planned once for the whole sampling loop, not per step
+    assert calls == [[16] * 6, [16, 16, 4, 4, 16, 16]] * 4  # dense then routed at each step, on the trained route
+    explicit = model.generate(text=text, size=16, steps=4, guidance="tread", guidance_scale=1.5,
+                              tread_route=(2, 3, 0.75), seed=2)
+    assert torch.equal(default, explicit) and DEFAULT_GUIDANCE_SCALE["tread"] == 1.5
+    cfg_scale = model.generate(text=text, size=16, steps=4, guidance="tread", guidance_scale=4.0, seed=2)
+    other_route = model.generate(text=text, size=16, steps=4, guidance="tread", tread_route=(1, -2, 0.5), seed=2)
+    assert not torch.allclose(default, cfg_scale, atol=1e-4) and not torch.allclose(default, other_route, atol=1e-4)
+
+
+def test_self_guidance_without_a_trained_route_asks_for_one():
+    from composer_prx.model.pipeline import PRXModel
+
+    model = PRXModel(make_dit(depth=6), caption_dropout=0.0)
+    text = (torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"no recorded TREAD route.*pass tread_route=\(route_start, route_end, ratio\)"):
+        model.generate(text=text, size=16, steps=1, guidance="tread")
+    with pytest.raises(ValueError, match="out of range for a denoiser with 6 blocks"):
+        model.generate(text=text, size=16, steps=1, guidance="tread", tread_route=(1, 9, 0.5))
+    routed = model.generate(text=text, size=16, steps=1, guidance="tread", tread_route=[(0, 1, 0.5), (3, 4, 0.5)])
+    assert routed.shape == (1, 3, 16, 16)
+
+
+def test_tread_algorithm_records_its_routes_at_init():
+    model = TinyFlow()
+    tiny_trainer(model, max_duration="1ba", algorithms=[Tread(routes=[(0, 1, 0.25), {"route_start": -2,
+                                                                                     "route_end": -1}])])
+    assert find_denoiser(model).tread_routes == [Route(0, 1, 0.25), Route(2, 3, 0.5)]
+
+
 # ---- FSDP2 (2 processes, gloo) ---------------------------------------------------------------------------
 def _fsdp2_worker() -> None:
     """Run by torchrun: routed grads of a fully_shard-ed PixelDiT equal those of the unsharded model."""
