@@ -1,16 +1,18 @@
-"""PixelDiT: a pixel-space diffusion transformer that predicts the clean image (JiT, Li & He 2025).
+"""PixelDiT: PRX's pixel-space denoiser, predicting the clean image (JiT, Li & He 2025).
 
     image [B,3,H,W] --patchify p--> [B,N,3p^2] --Linear--> [B,N,256] --Linear--> [B,N,C]
           --blocks: x = block(x, ctx) for each block--> adaLN final layer --> [B,N,3p^2] --> x_pred [B,3,H,W]
 
-Each block: adaLN-zero modulation from the timestep embedding, self-attention in which image tokens
-(queries) attend to [text tokens; image tokens] (keys/values), QK RMSNorm, 2D RoPE on image tokens,
-then a GELU MLP.
+Each block (weight for weight PRX's `PRXBlock`, see composer_prx/export.py for the diffusers names):
+adaLN-zero modulation from the timestep (+ resolution) embedding; attention in which image tokens
+(queries) attend to [text tokens; image tokens] (keys/values), bias-free projections, RMSNorm on image
+queries, image keys and text keys, 2D RoPE (positions from 0) on image queries and keys; then a
+bias-free gated MLP  down(gelu_tanh(gate h) * up h)  of width int(C * mlp_ratio).
 
-Denoiser protocol (what TREAD, REPA and other algorithms rely on, DESIGN.md contract 3):
-`denoiser.blocks` is an nn.ModuleList, each block is called as `block(x, ctx)` with x [B, N, C] image
-tokens and `ctx` a `BlockContext` whose `select(idx [B, K])` restricts the per-token fields (RoPE) to
-those tokens; per-image fields (timestep embedding, text tokens) pass through unchanged.
+Denoiser protocol (what TREAD, REPA and other algorithms rely on; README "Contracts for your own
+model"): `denoiser.blocks` is an nn.ModuleList, each block is called as `block(x, ctx)` with x [B, N, C]
+image tokens and `ctx` a `BlockContext` whose `select(idx [B, K])` restricts the per-token fields (RoPE)
+to those tokens; per-image fields (timestep embedding, text tokens) pass through unchanged.
 `denoiser.routing` is None unless an algorithm routes tokens.
 """
 
@@ -18,26 +20,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+TIME_FREQ_DIM = 256  # sinusoidal features of the timestep (and 128 + 128 of the resolution), as in PRX
+
 
 @dataclass
 class DiTConfig:
-    """Shape of the denoiser."""
+    """Shape of the denoiser (diffusers `PRXTransformer2DModel` names in brackets where they differ).
+
+    bottleneck_dim [bottleneck_size]: patch_dim -> bottleneck -> hidden patch embedding (None: one Linear).
+    rope_theta [theta]: RoPE base; each of the two axes gets head_dim / 2 dims [axes_dim].
+    resolution_embeds: add an embedding of the image (H, W) in pixels to the timestep embedding (PRX pixel).
+    text_norm: a learned RMSNorm on the text embeddings before the text projection (not in PRX).
+    """
 
     patch_size: int = 32
-    hidden_dim: int = 1152
+    hidden_dim: int = 1152  # [hidden_size]
     depth: int = 16
     num_heads: int = 16
     mlp_ratio: float = 3.5
-    bottleneck_dim: int = 256
-    text_dim: int = 2304
+    bottleneck_dim: int | None = 256
+    text_dim: int = 2304  # [context_in_dim]
     in_channels: int = 3
-    time_freq_dim: int = 256
-    rope_theta: float = 100.0
+    rope_theta: float = 10000.0
+    resolution_embeds: bool = True
+    text_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_dim % self.num_heads:
@@ -47,9 +59,13 @@ class DiTConfig:
                 f"head dim {self.hidden_dim // self.num_heads} must be a multiple of 4 for 2D RoPE; "
                 "change hidden_dim or num_heads"
             )
-        for name in ("patch_size", "depth", "bottleneck_dim", "text_dim", "in_channels"):
+        for name in ("patch_size", "depth", "text_dim", "in_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DiTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.bottleneck_dim is not None and self.bottleneck_dim < 1:
+            raise ValueError(f"DiTConfig.bottleneck_dim must be >= 1 or None (no bottleneck), got {self.bottleneck_dim}")
+        if self.mlp_dim < 1:
+            raise ValueError(f"DiTConfig.mlp_ratio {self.mlp_ratio} gives an MLP width of {self.mlp_dim}; use a larger ratio")
 
     @property
     def head_dim(self) -> int:
@@ -57,7 +73,8 @@ class DiTConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(round(self.hidden_dim * self.mlp_ratio))
+        """int(C * mlp_ratio), truncated as PRX does."""
+        return int(self.hidden_dim * self.mlp_ratio)
 
     @property
     def patch_dim(self) -> int:
@@ -104,16 +121,15 @@ def unpatchify(tokens: Tensor, patch: int, height: int, width: int) -> Tensor:
 
 
 def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device: torch.device) -> Tensor:
-    """2D RoPE as complex rotations [1, N, head_dim/2]: half the pairs turn with the row, half with the column.
+    """2D RoPE as complex rotations [1, N, head_dim/2]: the first half of the pairs turn with the row, the rest with the column.
 
-    Pair k of a head (dims 2k, 2k+1) turns by angle pos * theta^(-j / (head_dim/4)), pos = the token's
-    row for the first head_dim/4 pairs and its column for the rest. Positions are patch indices
-    centred on the grid.
+    Pair k of an axis (head_dim/4 pairs each) turns by angle pos * theta^(-k / (head_dim/4)), pos = the
+    token's row (or column) patch index counted from 0, as in PRX (axes_dim = [head_dim/2, head_dim/2]).
     """
     quarter = head_dim // 4
     freqs = theta ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)  # [hd/4]
-    rows = torch.arange(grid_h, device=device, dtype=torch.float32) - (grid_h - 1) / 2
-    cols = torch.arange(grid_w, device=device, dtype=torch.float32) - (grid_w - 1) / 2
+    rows = torch.arange(grid_h, device=device, dtype=torch.float32)
+    cols = torch.arange(grid_w, device=device, dtype=torch.float32)
     pos_r, pos_c = torch.meshgrid(rows, cols, indexing="ij")  # [gh, gw]
     angles = torch.cat([pos_r.reshape(-1, 1) * freqs, pos_c.reshape(-1, 1) * freqs], dim=-1)  # [N, hd/2]
     return torch.polar(torch.ones_like(angles), angles).unsqueeze(0)
@@ -125,12 +141,16 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return torch.view_as_real(pairs * rope.unsqueeze(1)).flatten(-2).type_as(x)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features of 1000 t: [B] -> [B, dim]."""
+def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features [cos, sin] of scale * t: [B] -> [B, dim], frequencies max_period^(-j / (dim/2))."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float().unsqueeze(1) * freqs.unsqueeze(0)
+    args = t.float().unsqueeze(1) * freqs.unsqueeze(0) * scale
     return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def _mlp_embedder(in_dim: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
 class DiTBlock(nn.Module):
@@ -142,14 +162,16 @@ class DiTBlock(nn.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.text_kv = nn.Linear(dim, 2 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.text_kv = nn.Linear(dim, 2 * dim, bias=False)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
-        self.proj = nn.Linear(dim, dim)
+        self.text_k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim, bias=False)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.fc1 = nn.Linear(dim, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, dim)
+        self.gate_proj = nn.Linear(dim, cfg.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(dim, cfg.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_dim, dim, bias=False)
         self.modulation = nn.Linear(dim, 6 * dim)
         self.tokens_seen = 0  # image tokens per sample in the last call (for honest FLOP counts)
 
@@ -169,7 +191,7 @@ class DiTBlock(nn.Module):
         q = apply_rope(self.q_norm(self._heads(q)), ctx.rope)
         k = apply_rope(self.k_norm(self._heads(k)), ctx.rope)
         text_k, text_v = self.text_kv(ctx.text).chunk(2, dim=-1)
-        k = torch.cat([self.k_norm(self._heads(text_k)), k], dim=2)  # [B, H, T + N, D]
+        k = torch.cat([self.text_k_norm(self._heads(text_k)), k], dim=2)  # [B, H, T + N, D]
         v = torch.cat([self._heads(text_v), self._heads(v)], dim=2)
         mask = None
         if ctx.text_mask is not None:
@@ -179,14 +201,20 @@ class DiTBlock(nn.Module):
         x = torch.addcmul(x, gate1, self.proj(attn.transpose(1, 2).reshape(b, n, c)))
 
         h = torch.addcmul(shift2, self.norm2(x), 1 + scale2)
-        return torch.addcmul(x, gate2, self.fc2(F.gelu(self.fc1(h), approximate="tanh")))
+        mlp = self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+        return torch.addcmul(x, gate2, mlp)
 
     def matmul_flops(self, batch: int, n_img: int, n_txt: int) -> int:
-        """Forward matmul FLOPs (2 per multiply-add) for one call with n_img image tokens."""
-        c, m = self.proj.in_features, self.fc1.out_features
-        linear = 2 * batch * (n_img * c * (3 * c + c + 2 * m) + n_txt * c * 2 * c)
-        attention = 2 * 2 * batch * n_img * (n_txt + n_img) * c
-        return linear + attention
+        """Forward matmul FLOPs (2 per multiply-add) of one call with n_img image tokens and n_txt text tokens.
+
+        modulation 6C^2 per image; qkv 3C^2, out C^2, MLP 3Cm per image token; text kv 2C^2 per text token;
+        attention (q k^T and p v) 2 (n_txt + n_img) C per image token.
+        """
+        c, m = self.proj.in_features, self.down_proj.in_features
+        per_image = c * 6 * c
+        per_image_token = c * 3 * c + c * c + 3 * c * m + 2 * (n_txt + n_img) * c
+        per_text_token = c * 2 * c
+        return 2 * batch * (per_image + n_img * per_image_token + n_txt * per_text_token)
 
 
 class PixelDiT(nn.Module):
@@ -196,17 +224,29 @@ class PixelDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.hidden_dim
-        self.patch_in = nn.Linear(cfg.patch_dim, cfg.bottleneck_dim, bias=False)
-        self.patch_proj = nn.Linear(cfg.bottleneck_dim, dim)
-        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.text_norm = nn.RMSNorm(cfg.text_dim, eps=1e-6)
+        if cfg.bottleneck_dim is None:
+            self.patch_in = nn.Identity()
+            self.patch_proj = nn.Linear(cfg.patch_dim, dim)
+        else:
+            self.patch_in = nn.Linear(cfg.patch_dim, cfg.bottleneck_dim)
+            self.patch_proj = nn.Linear(cfg.bottleneck_dim, dim)
+        self.time_mlp = _mlp_embedder(TIME_FREQ_DIM, dim)
+        self.resolution_mlp = _mlp_embedder(TIME_FREQ_DIM, dim) if cfg.resolution_embeds else None
+        self.text_norm = nn.RMSNorm(cfg.text_dim, eps=1e-6) if cfg.text_norm else nn.Identity()
         self.text_proj = nn.Linear(cfg.text_dim, dim)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Linear(dim, 2 * dim)
         self.final_proj = nn.Linear(dim, cfg.patch_dim)
-        self.routing = None  # published by token-routing algorithms (DESIGN.md contract 4)
+        self.routing = None  # published by token-routing algorithms (README "Contracts for your own model")
         self.reset_parameters()
+
+    @classmethod
+    def from_diffusers(cls, path_or_model) -> PixelDiT:
+        """A PixelDiT with the weights of a diffusers `PRXTransformer2DModel` (a folder or the model itself)."""
+        from composer_prx.export import pixeldit_from_diffusers
+
+        return pixeldit_from_diffusers(path_or_model if isinstance(path_or_model, nn.Module) else Path(path_or_model))
 
     def reset_parameters(self) -> None:
         """Xavier linears; zero adaLN modulations and output layer (adaLN-zero: blocks start as identity)."""
@@ -215,8 +255,10 @@ class PixelDiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.time_mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_mlp[2].weight, std=0.02)
+        for embedder in (self.time_mlp, self.resolution_mlp):
+            if embedder is not None:
+                nn.init.normal_(embedder[0].weight, std=0.02)
+                nn.init.normal_(embedder[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.modulation.weight)
             nn.init.zeros_(block.modulation.bias)
@@ -225,14 +267,19 @@ class PixelDiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def context(self, t: Tensor, text: Tensor, text_mask: Tensor | None, grid_h: int, grid_w: int) -> BlockContext:
-        """Build the block context: timestep embedding, projected text, RoPE tables."""
+        """Build the block context: timestep (+ resolution) embedding, projected text, RoPE tables."""
         if text.shape[-1] != self.cfg.text_dim:
             raise ValueError(
                 f"text embeddings have width {text.shape[-1]} but the denoiser expects text_dim="
                 f"{self.cfg.text_dim}; set model.dit.text_dim to the text encoder's hidden size"
             )
         dtype = self.patch_proj.weight.dtype
-        temb = self.time_mlp(timestep_embedding(t, self.cfg.time_freq_dim).to(dtype))
+        temb = self.time_mlp(timestep_embedding(t, TIME_FREQ_DIM).to(dtype))
+        if self.resolution_mlp is not None:  # temb += MLP([sin features of H; of W]) with H, W in pixels
+            p = self.cfg.patch_size
+            size = torch.tensor([grid_h * p, grid_w * p], device=t.device, dtype=torch.float32)
+            features = timestep_embedding(size, TIME_FREQ_DIM // 2, scale=1.0).reshape(1, TIME_FREQ_DIM)
+            temb = temb + self.resolution_mlp(features.to(dtype))
         text_tokens = self.text_proj(self.text_norm(text))
         if text_mask is not None:
             text_mask = text_mask.bool()
@@ -261,12 +308,24 @@ class PixelDiT(nn.Module):
         return self.fsdp_wrap_fn(module)
 
     def matmul_flops(self, batch: int, n_img: int, n_txt: int, tokens_per_block: list[int] | None = None) -> int:
-        """Forward matmul FLOPs; tokens_per_block gives the image tokens each block processed (routing)."""
+        """Forward matmul FLOPs (every Linear and attention product); tokens_per_block gives the image tokens
+        each block processed (routing).
+
+        Outside the blocks: patch embedding P*B' + B'*C (or P*C) and output C*P per image token, text
+        projection Ct*C per text token, timestep MLP 256C + C^2 and final modulation 2C^2 per image,
+        resolution MLP 256C + C^2 once (one size per batch).
+        """
         cfg = self.cfg
+        c = cfg.hidden_dim
         tokens_per_block = tokens_per_block or [n_img] * len(self.blocks)
-        flops = 2 * batch * n_img * (cfg.patch_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * cfg.hidden_dim)
-        flops += 2 * batch * n_txt * cfg.text_dim * cfg.hidden_dim
-        flops += 2 * batch * n_img * cfg.hidden_dim * cfg.patch_dim
+        if cfg.bottleneck_dim is None:
+            patch = cfg.patch_dim * c
+        else:
+            patch = cfg.patch_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * c
+        per_image = TIME_FREQ_DIM * c + c * c + c * 2 * c
+        flops = 2 * batch * (per_image + n_img * (patch + c * cfg.patch_dim) + n_txt * cfg.text_dim * c)
+        if cfg.resolution_embeds:
+            flops += 2 * (TIME_FREQ_DIM * c + c * c)
         for block, n in zip(self.blocks, tokens_per_block):
             flops += block.matmul_flops(batch, n, n_txt)
         return flops

@@ -31,8 +31,70 @@ def test_bottleneck_and_reference_token_counts():
     cfg = DiTConfig(patch_size=32, hidden_dim=64, depth=2, num_heads=4, text_dim=8)
     model = PixelDiT(cfg)
     assert model.patch_in.in_features == 3 * 32 * 32 and model.patch_in.out_features == 256
+    assert model.patch_in.bias is not None and model.patch_proj.in_features == 256  # PRX: both layers biased
     assert patchify(torch.zeros(1, 3, 512, 512), 32).shape[1] == 256
     assert patchify(torch.zeros(1, 3, 1024, 1024), 32).shape[1] == 1024
+    plain = PixelDiT(DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, text_dim=8, bottleneck_dim=None))
+    assert isinstance(plain.patch_in, torch.nn.Identity) and plain.patch_proj.in_features == 48
+    assert plain(torch.randn(1, 3, 8, 12), torch.rand(1), torch.randn(1, 2, 8)).shape == (1, 3, 8, 12)
+
+
+def test_prx_block_layout():
+    """PRX's denoiser: bias-free attention/MLP projections, gated MLP of width int(C * ratio), text-key norm."""
+    cfg = DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, mlp_ratio=3.3, text_dim=8)
+    model = PixelDiT(cfg)
+    block = model.blocks[0]
+    assert cfg.mlp_dim == 105  # int(105.6), not round
+    for name in ("qkv", "text_kv", "proj", "gate_proj", "up_proj", "down_proj"):
+        assert getattr(block, name).bias is None, name
+    assert block.gate_proj.out_features == block.up_proj.out_features == block.down_proj.in_features == 105
+    assert block.text_k_norm is not block.k_norm and block.text_k_norm.weight.shape == (16,)
+    assert block.modulation.bias is not None and model.text_proj.bias is not None
+    assert not any("text_norm" in n for n, _ in model.named_parameters())  # no learned text norm by default
+    assert cfg.rope_theta == 10000.0 and cfg.resolution_embeds
+    with_norm = PixelDiT(DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, text_dim=8, text_norm=True))
+    assert with_norm.text_norm.weight.shape == (8,)
+
+
+def test_gated_mlp_is_down_gelu_gate_times_up():
+    """With the attention gate 0 and the MLP gate 1, a block is x + down(gelu_tanh(gate h) * up h), h = LN(x)."""
+    torch.manual_seed(0)
+    cfg = DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, text_dim=8)
+    model = PixelDiT(cfg)
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.modulation.bias[5 * 32:] = 1.0  # chunks: shift1, scale1, gate1, shift2, scale2, gate2
+    ctx = model.context(torch.rand(2), torch.randn(2, 3, 8), None, 2, 2)
+    x = torch.randn(2, 4, 32)
+    h = torch.nn.functional.layer_norm(x, (32,), eps=1e-6)
+    gated = torch.nn.functional.gelu(h @ block.gate_proj.weight.T, approximate="tanh") * (h @ block.up_proj.weight.T)
+    torch.testing.assert_close(block(x, ctx), x + gated @ block.down_proj.weight.T)
+
+
+def test_text_key_norm_acts_on_text_keys_only():
+    model = _trained_copy(DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, text_dim=8))
+    x, t, text = torch.randn(1, 3, 8, 8), torch.rand(1), torch.randn(1, 3, 8)
+    base = model(x, t, text)
+    with torch.no_grad():
+        model.blocks[0].text_k_norm.weight.mul_(3.0)
+    assert not torch.allclose(model(x, t, text), base)
+    # with every text token masked out the text keys are never attended, so their norm cannot matter
+    mask = torch.zeros(1, 3, dtype=torch.bool)
+    masked = model(x, t, text, mask)
+    with torch.no_grad():
+        model.blocks[0].text_k_norm.weight.mul_(0.5)
+    torch.testing.assert_close(model(x, t, text, mask), masked)
+
+
+def test_resolution_embedding_conditions_on_image_size():
+    cfg = DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, text_dim=8)
+    model, t, text = _trained_copy(cfg), torch.rand(2), torch.randn(2, 3, 8)
+    square, wide = model.context(t, text, None, 4, 4).temb, model.context(t, text, None, 4, 6).temb
+    assert not torch.allclose(square, wide)
+    plain = _trained_copy(DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, text_dim=8,
+                                    resolution_embeds=False))
+    torch.testing.assert_close(plain.context(t, text, None, 4, 4).temb, plain.context(t, text, None, 4, 6).temb)
+    assert plain.resolution_mlp is None
 
 
 def _trained_copy(cfg):
@@ -92,6 +154,16 @@ def test_rope_is_relative():
     torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))  # rotations keep the norm
 
 
+def test_rope_positions_start_at_zero():
+    """Token (0, 0) is unrotated; token (r, c) turns its row pairs by r * theta^(-k/(D/4)) and column pairs by c * ..."""
+    rope = rope_2d(3, 5, 16, 10000.0, torch.device("cpu"))  # [1, 15, 8]
+    torch.testing.assert_close(rope[0, 0], torch.ones(8, dtype=torch.complex64))
+    freqs = 10000.0 ** (-torch.arange(4) / 4)
+    token = 2 * 5 + 3  # row 2, column 3
+    angles = torch.cat([2 * freqs, 3 * freqs])
+    torch.testing.assert_close(rope[0, token], torch.polar(torch.ones(8), angles))
+
+
 def test_gradients_reach_every_parameter(tiny_dit_cfg):
     model = _trained_copy(tiny_dit_cfg)
     out = model(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 4, 32))
@@ -108,16 +180,40 @@ def test_config_errors():
             torch.randn(1, 3, 8, 8), torch.rand(1), torch.randn(1, 2, 8))
 
 
-def test_matmul_flops_counts_tokens():
-    cfg = DiTConfig(patch_size=16, hidden_dim=384, depth=12, num_heads=6, mlp_ratio=3.5, text_dim=2304)
+def _counted_flops(fn) -> int:
+    """Forward FLOPs as torch's FlopCounterMode counts them (+ CPU SDPA, which it does not map in torch 2.7)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("bottleneck,resolution", [(16, True), (None, False)])
+def test_matmul_flops_match_flop_counter(bottleneck, resolution):
+    cfg = DiTConfig(patch_size=4, hidden_dim=32, depth=4, num_heads=2, mlp_ratio=2.5, bottleneck_dim=bottleneck,
+                    text_dim=24, resolution_embeds=resolution)
     model = PixelDiT(cfg)
-    dense = model.matmul_flops(8, 256, 256)
-    routed = model.matmul_flops(8, 256, 256, [256] * 2 + [128] * 9 + [256])
-    assert routed < dense
-    block = model.blocks[0]
-    c, m = 384, 1344
-    expected = 2 * 8 * (256 * c * (4 * c + 2 * m) + 256 * c * 2 * c) + 4 * 8 * 256 * 512 * c
-    assert block.matmul_flops(8, 256, 256) == expected
+    x, t, text = torch.randn(3, 3, 16, 24), torch.rand(3), torch.randn(3, 5, 24)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert _counted_flops(lambda: model(x, t, text, mask)) == model.matmul_flops(3, 24, 5)
+    assert _counted_flops(lambda: model(x, t, text)) == model.matmul_flops(3, 24, 5)
+
+
+def test_matmul_flops_follow_routed_tokens():
+    from composer_prx.algorithms.tread import tread_routing
+
+    model = PixelDiT(DiTConfig(patch_size=4, hidden_dim=32, depth=4, num_heads=2, bottleneck_dim=16, text_dim=24))
+    x, t, text = torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 5, 24)
+    with tread_routing(model, 1, -2, 0.5, generator=torch.Generator().manual_seed(0)):
+        counted = _counted_flops(lambda: model(x, t, text))
+    seen = [block.tokens_seen for block in model.blocks]
+    assert seen == [16, 8, 8, 16]
+    assert counted == model.matmul_flops(2, 16, 5, seen) < model.matmul_flops(2, 16, 5)
 
 
 def test_composer_fsdp2_policy_wraps_each_block(tiny_model):

@@ -269,9 +269,9 @@ def test_default_grouping_on_pixel_dit(tiny_model):
     names = {id(p): n for n, p in tiny_model.named_parameters()}
     muon = {names[id(p)] for p in groups["muon"]}
     adam = {names[id(p)] for p in groups["adam"]}
-    assert "denoiser.blocks.0.qkv.weight" in muon and "denoiser.blocks.3.fc2.weight" in muon
+    assert "denoiser.blocks.0.qkv.weight" in muon and "denoiser.blocks.3.down_proj.weight" in muon
     assert "denoiser.blocks.0.text_kv.weight" in muon
     assert {"denoiser.blocks.0.modulation.weight", "denoiser.patch_in.weight", "denoiser.final_proj.weight",
-            "denoiser.text_proj.weight", "denoiser.blocks.0.qkv.bias"} <= adam
+            "denoiser.text_proj.weight", "denoiser.blocks.0.modulation.bias"} <= adam
     assert all(p.ndim == 2 for p in groups["muon"])
     assert len(muon) + len(adam) == sum(1 for _ in tiny_model.parameters())
