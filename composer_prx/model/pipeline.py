@@ -7,6 +7,8 @@
 
 The dropped ("null") prompt is the empty text: every text token masked out, so unconditional
 predictions see the image tokens alone.  The same null prompt serves classifier-free guidance.
+The denoiser gets text_mask=None when the mask is known on the host to be all True (a batch without
+"text_mask", or a mask in host memory), so the attention can skip it without a device sync.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ DEFAULT_GUIDANCE_SCALE = {"none": 1.0, "cfg": 4.0, "tread": 1.5}  # tread: CompV
 
 @dataclass
 class FlowOutput:
-    """What one training forward computed; algorithms read it instead of recomputing (contract 1)."""
+    """What one training forward computed; algorithms read it instead of recomputing.
+
+    (README, Contracts for your own model, 1.)
+    """
 
     x: Tensor  # [B, 3, H, W] clean target in [-1, 1]
     x_t: Tensor  # [B, 3, H, W] noised input
@@ -88,7 +93,7 @@ class PRXModel(ComposerModel):
         patch = getattr(getattr(denoiser, "cfg", None), "patch_size", None)
         self.patch_size: int = patch or 1
         self.denoiser = denoiser
-        self._frozen = {"text_encoder": text_encoder}  # a plain dict: not a submodule (contract 5)
+        self._frozen = {"text_encoder": text_encoder}  # a plain dict: not a submodule (README, Contracts, 5)
         self.time_sampling = time_sampling
         self.caption_dropout = caption_dropout
         self.t_min = t_min
@@ -96,6 +101,7 @@ class PRXModel(ComposerModel):
         self.eval_seed = eval_seed
         self._train_tokens: list[int] = []
         self._train_text_len = 0
+        self._encoder_flops: dict[tuple[int, int], int] = {}  # [B, T] -> text encoder forward FLOPs
         self.val_metrics = {"val_loss": BinnedFlowLoss()} | {
             f"val_loss_t{t:.2f}": BinnedFlowLoss(t) for t in self.eval_t_values
         }
@@ -124,6 +130,13 @@ class PRXModel(ComposerModel):
             raise KeyError(f"batch needs 'caption' or 'text_emb'; it has keys {sorted(batch)}")
         return self.encode_prompts(batch["caption"], device)
 
+    @staticmethod
+    def _all_real(batch: dict, mask: Tensor) -> bool:
+        """True when every text token is known, without a device sync, to be real (nothing to mask)."""
+        if "text_emb" in batch and batch.get("text_mask") is None:
+            return True  # the loader says there is no padding
+        return mask.device.type == "cpu" and bool(mask.all())  # a host tensor: all() costs no device sync
+
     # ---- training -------------------------------------------------------------------------------
     def forward(self, batch: dict) -> FlowOutput:
         x = batch["image"]
@@ -131,20 +144,22 @@ class PRXModel(ComposerModel):
             raise ValueError(f"batch['image'] must be [B, C, H, W], got shape {tuple(x.shape)}")
         b, device = x.shape[0], x.device
         text, mask = self.text_conditioning(batch, device)
+        all_real = self._all_real(batch, mask)
         if self.training and self.caption_dropout > 0:
             keep = torch.rand(b, device=device) >= self.caption_dropout
             mask = mask & keep[:, None]
+            all_real = all_real and keep.device.type == "cpu" and bool(keep.all())
         t = flow.sample_t(b, self.time_sampling, device=device)
         eps = torch.randn_like(x)
-        out = self._denoise(x, eps, t, text, mask)
+        out = self._denoise(x, eps, t, text, mask, all_real)
         if self.training:  # what each block really processed in this training forward (TREAD-aware FLOPs)
             self._train_tokens = [getattr(block, "tokens_seen", 0) for block in getattr(self.denoiser, "blocks", ())]
             self._train_text_len = text.shape[1]
         return out
 
-    def _denoise(self, x: Tensor, eps: Tensor, t: Tensor, text: Tensor, mask: Tensor) -> FlowOutput:
+    def _denoise(self, x: Tensor, eps: Tensor, t: Tensor, text: Tensor, mask: Tensor, all_real: bool) -> FlowOutput:
         x_t = flow.add_noise(x, eps, t)
-        x_pred = self.denoiser(x_t, t, text, mask)
+        x_pred = self.denoiser(x_t, t, text, None if all_real else mask)
         v_pred = flow.x_to_v(x_t, x_pred, t, self.t_min)
         return FlowOutput(x=x, x_t=x_t, t=t, x_pred=x_pred, v_pred=v_pred,
                           v_target=flow.v_target(x_t, x, t, self.t_min),
@@ -159,12 +174,13 @@ class PRXModel(ComposerModel):
         x = batch["image"]
         b, device = x.shape[0], x.device
         text, mask = self.text_conditioning(batch, device)
+        all_real = self._all_real(batch, mask)
         gen = torch.Generator(device=device).manual_seed(self.eval_seed)
         losses = {}
         for t_value in self.eval_t_values:
             eps = torch.randn(x.shape, generator=gen, device=device, dtype=x.dtype)
             t = torch.full((b,), t_value, device=device)
-            out = self._denoise(x, eps, t, text, mask)
+            out = self._denoise(x, eps, t, text, mask, all_real)
             losses[f"val_loss_t{t_value:.2f}"] = flow.v_loss(out.v_pred, out.v_target, reduction="none")
         return losses
 
@@ -179,7 +195,8 @@ class PRXModel(ComposerModel):
 
     # ---- throughput -----------------------------------------------------------------------------
     def flops_per_batch(self, batch: dict) -> int:
-        """Matmul FLOPs of forward + backward (3x forward), counting the tokens each block really saw."""
+        """FLOPs of one training batch: 3 x the denoiser's forward matmul FLOPs (forward + backward,
+        counting the tokens each block really saw) + text_encoder_flops(batch) (forward only, frozen)."""
         x = batch["image"]
         b, _, h, w = x.shape
         n_img = (h // self.patch_size) * (w // self.patch_size)
@@ -187,7 +204,27 @@ class PRXModel(ComposerModel):
         if not hasattr(self.denoiser, "matmul_flops"):
             raise NotImplementedError("the denoiser has no matmul_flops(batch, n_img, n_txt, tokens_per_block)")
         seen = [n or n_img for n in self._train_tokens] or None
-        return 3 * self.denoiser.matmul_flops(b, n_img, n_txt, seen)
+        return 3 * self.denoiser.matmul_flops(b, n_img, n_txt, seen) + self.text_encoder_flops(batch)
+
+    def text_encoder_flops(self, batch: dict) -> int:
+        """Forward FLOPs of the online text encoder on the batch's captions (0 with precomputed "text_emb").
+
+        Measured with torch's FlopCounterMode on a [B, T] forward, once per shape (T = tokens of the
+        last training batch), attention through the math kernel, which the counter sees on every device.
+        """
+        if "text_emb" in batch or self.text_encoder is None or not self._train_text_len:
+            return 0
+        shape = (len(batch["caption"]), self._train_text_len)
+        if shape not in self._encoder_flops:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            from torch.utils.flop_counter import FlopCounterMode
+
+            model = self.text_encoder.model
+            ids = torch.zeros(shape, dtype=torch.long, device=self.text_encoder.device)
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            self._encoder_flops[shape] = int(counter.get_total_flops())
+        return self._encoder_flops[shape]
 
     # ---- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,22 +260,24 @@ class PRXModel(ComposerModel):
             if prompts is None:
                 raise ValueError("generate needs prompts or precomputed text=(emb, mask)")
             text = self.encode_prompts(prompts, device)
+        all_real = text[1].device.type == "cpu" and bool(text[1].all())  # host tensor: no device sync
         cond, cond_mask = text[0].to(device), text[1].to(device).bool()
+        prompt_mask = None if all_real else cond_mask  # guidance none / tread: nothing to mask
         b = cond.shape[0]
         gen = torch.Generator(device=device).manual_seed(seed)
         noise = torch.randn((b, 3, height, width), generator=gen, device=device)
 
         def denoise(x_t: Tensor, t: Tensor) -> Tensor:
             if guidance == "none":
-                return self.denoiser(x_t, t, cond, cond_mask)
+                return self.denoiser(x_t, t, cond, prompt_mask)
             if guidance == "cfg":
                 both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]),
                                      torch.cat([cond_mask, torch.zeros_like(cond_mask)]))
                 x_cond, x_uncond = both.chunk(2)
                 return flow.guide(x_cond, x_uncond, scale)
             with routing.suspended():
-                dense = self.denoiser(x_t, t, cond, cond_mask)
-            routed = self.denoiser(x_t, t, cond, cond_mask)
+                dense = self.denoiser(x_t, t, cond, prompt_mask)
+            routed = self.denoiser(x_t, t, cond, prompt_mask)
             return flow.guide(dense, routed, scale)
 
         was_training = self.training

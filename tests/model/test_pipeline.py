@@ -90,11 +90,81 @@ def test_generate_bad_arguments(tiny_model):
         tiny_model.generate(["x"], size=10)
 
 
-def test_flops_per_batch_matches_denoiser_count(tiny_model):
-    batch = image_batch()
-    out = tiny_model(batch)
-    n_txt = out.text.shape[1]
-    expected = 3 * tiny_model.denoiser.matmul_flops(4, 16, n_txt)
-    assert tiny_model.flops_per_batch(batch) == expected
+def measured_flops(fn) -> int:
+    """FLOPs torch's FlopCounterMode counts for fn() (attention through the math kernel, which it sees)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def training_step(model, batch):
+    def step():
+        out = model(batch)
+        model.loss(out, batch).backward()
+    return step
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_flops_per_batch_against_flop_counter_on_a_training_step(tiny_model, routed):
+    """flops_per_batch = what a forward + backward really multiplies, online text encoder included."""
+    from composer_prx.algorithms.tread import apply_tread
+
+    batch = image_batch(n=4, size=32)  # 64 image tokens
+    if routed:
+        apply_tread(tiny_model, 1, -2, 0.5)
+    measured = measured_flops(training_step(tiny_model, batch))
+    predicted = tiny_model.flops_per_batch(batch)
+    # backward = 2 x forward, except that nothing needs the gradient of the inputs of the first layers
+    assert 0.99 * predicted <= measured <= predicted, (measured, predicted)
+    encoder = measured_flops(lambda: tiny_model.text_encoder.encode(batch["caption"]))
+    assert encoder > 0 and tiny_model.text_encoder_flops(batch) == encoder
     tiny_model.generate(["a red circle"], size=(8, 8), steps=1)  # a later sampling call does not change it
-    assert tiny_model.flops_per_batch(batch) == expected
+    assert tiny_model.flops_per_batch(batch) == predicted
+
+
+def test_precomputed_text_has_no_encoder_flops(tiny_model):
+    batch = image_batch(n=2, size=32)
+    emb, mask = tiny_model.encode_prompts(batch["caption"], torch.device("cpu"))
+    pre = {"image": batch["image"], "text_emb": emb, "text_mask": mask}
+    measured = measured_flops(training_step(tiny_model, pre))
+    assert tiny_model.text_encoder_flops(pre) == 0
+    assert 0.99 * tiny_model.flops_per_batch(pre) <= measured <= tiny_model.flops_per_batch(pre)
+
+
+class MaskRecorder(torch.nn.Module):
+    """Wraps a denoiser and records the text_mask of each call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.cfg, self.masks = inner, inner.cfg, []
+
+    def forward(self, x_t, t, text, text_mask=None):
+        self.masks.append(text_mask)
+        return self.inner(x_t, t, text, text_mask)
+
+
+def test_an_all_real_text_mask_is_skipped_without_a_device_sync(tiny_model):
+    """The denoiser gets None when the loader sends no mask or the host mask is all True, else the mask."""
+    from composer_prx.model.pipeline import PRXModel
+
+    recorder = MaskRecorder(tiny_model.denoiser)
+    model = PRXModel(recorder, tiny_model.text_encoder, caption_dropout=0.0)
+    batch = image_batch(n=3)
+    emb, mask = model.encode_prompts(batch["caption"], torch.device("cpu"))
+    assert not mask.all()  # captions of different lengths: padded
+    full = torch.ones_like(mask)
+    out = model({"image": batch["image"], "text_emb": emb})  # loader: no padding
+    assert recorder.masks[-1] is None and out.text_mask.all() and out.text_mask.shape == mask.shape
+    model({"image": batch["image"], "text_emb": emb, "text_mask": full})
+    assert recorder.masks[-1] is None
+    model({"image": batch["image"], "text_emb": emb, "text_mask": mask})
+    assert torch.equal(recorder.masks[-1], mask)
+    model.caption_dropout = 0.5
+    torch.manual_seed(0)
+    out = model({"image": batch["image"].repeat(4, 1, 1, 1), "text_emb": emb.repeat(4, 1, 1)})
+    assert not out.text_mask.all() and torch.equal(recorder.masks[-1], out.text_mask)  # dropped prompts masked
+    meta_mask = full.to("meta")  # a mask in device memory: reading it would sync, so it is passed on
+    assert not PRXModel._all_real({"text_emb": emb, "text_mask": meta_mask}, meta_mask)
