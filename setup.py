@@ -21,6 +21,9 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "test": ["pytest>=8", "moto[server]>=5"],
+        # diffusers 0.39.0: the newest release beside transformers<5 (0.40+ needs huggingface-hub>=1.23);
+        # PRXPixelPipeline cleans prompts with ftfy
+        "diffusers": ["diffusers==0.39.0", "ftfy>=6"],
+        "test": ["pytest>=8", "moto[server]>=5", "diffusers==0.39.0", "ftfy>=6"],
     },
 )

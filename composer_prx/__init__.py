@@ -20,6 +20,7 @@ _PUBLIC = {
     "ExactResume": "composer_prx.callbacks.resume",
     "Muon": "composer_prx.optim.muon",
     "muon_param_groups": "composer_prx.optim.muon",
+    "export_checkpoint": "composer_prx.export",
 }
 
 __all__ = sorted(_PUBLIC)
