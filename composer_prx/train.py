@@ -14,6 +14,7 @@ from composer.utils import dist, get_device, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
 from composer_prx import config as C
+from composer_prx.callbacks.gloo_mean import GlooGradientMean
 from composer_prx.callbacks.resume import ExactResume
 from composer_prx.model.dit import PixelDiT
 from composer_prx.model.pipeline import PRXModel
@@ -22,7 +23,12 @@ from composer_prx.model.text import load_text_encoder
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: C.TrainConfig) -> PRXModel:
+def build_model(cfg: C.TrainConfig):
+    """The model registry's builder model.name (default "prx") called as builder(cfg, **model.settings)."""
+    return C.resolve("model", cfg.model.name)(cfg, **cfg.model.settings)
+
+
+def build_prx_model(cfg: C.TrainConfig) -> PRXModel:
     """PixelDiT + frozen text encoder -> PRXModel (weights seeded by model.init_seed or seed)."""
     m = cfg.model
     reproducibility.seed_all(m.init_seed if m.init_seed is not None else cfg.seed)
@@ -68,7 +74,8 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
         name, kwargs = C._split_component(cfg.scheduler, "scheduler")
         schedulers = C.resolve("scheduler", name)(**kwargs)
     algorithms = [C.resolve("algorithms", n)(**kw) for n, kw in cfg.algorithms.items()]
-    callbacks = [C.resolve("callbacks", n)(**kw) for n, kw in cfg.callbacks.items()] + [ExactResume()]
+    callbacks = [C.resolve("callbacks", n)(**kw) for n, kw in cfg.callbacks.items()] + [ExactResume(),
+                                                                                   GlooGradientMean()]
     loggers = [C.resolve("loggers", n)(**kw) for n, kw in cfg.loggers.items()]
     t = cfg.trainer
     if t.compile:

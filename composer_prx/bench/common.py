@@ -40,9 +40,17 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def synchronize() -> None:
+    """Wait for queued accelerator work (a no-op on CPU), so wall-clock times cover the work itself."""
+    if torch.accelerator.is_available():
+        torch.accelerator.synchronize()
+
+
 def timed(fn: Callable[[], object]) -> float:
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 

@@ -17,7 +17,8 @@ from composer_prx.optim import (
     newton_schulz,
     newton_schulz_flops,
 )
-from composer_prx.optim.muon import _ns_method, update_scale
+from composer_prx.optim.newton_schulz import ns_method as _ns_method
+from composer_prx.optim.newton_schulz import orthogonalize_chunks, update_scale
 from tests.optim import muon_dist_run
 
 A, B, C = 3.4445, -4.7750, 2.0315
@@ -158,8 +159,12 @@ def test_bad_input_is_a_clear_error():
     lin = nn.Linear(4, 3)
     with pytest.raises(ValueError, match=r"shape \(3,\).*2D matrices only.*use_muon=False"):
         Muon([{"params": [lin.weight, lin.bias], "use_muon": True}])
-    with pytest.raises(ValueError, match=r"unknown Muon param-group key\(s\) \['momentun'\]; valid keys"):
+    with pytest.raises(ValueError, match=r"unknown Muon param-group key 'momentun'; did you mean 'momentum'\?"):
         Muon([{"params": [lin.weight], "use_muon": True, "momentun": 0.9}])
+    with pytest.raises(ValueError, match=r"ns_chunks=2 does not divide the 3 rows"):
+        Muon([{"params": [lin.weight], "use_muon": True, "ns_chunks": 2}])
+    with pytest.raises(ValueError, match=r"grouping='prx'"):
+        build_muon(Pipeline(), grouping="prx")
     with pytest.raises(ValueError, match="needs use_muon=True or False"):
         Muon([{"params": [lin.weight]}])
     with pytest.raises(ValueError, match="not a flat parameter list"):
@@ -244,11 +249,69 @@ def test_zero_gradient_step_with_zero_lr_changes_nothing():
 def test_composer_checkpoint_resume_is_bit_exact(tmp_path):
     full, _ = muon_dist_run.train(save_folder=str(tmp_path))
     ckpt = str(tmp_path / "ep0-ba2-rank0.pt")
-    resumed, _ = muon_dist_run.train(load_path=ckpt)
+    resumed, trainer = muon_dist_run.train(load_path=ckpt)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    # control: the same resume without the optimizer state (momentum, Adam moments) does not match
-    weights_only, _ = muon_dist_run.train(load_path=ckpt, load_weights_only=True)
-    assert not all(torch.equal(full[k], weights_only[k]) for k in full)
+    # control: the same resume (timestamp and data position restored) but without the optimizer state
+    dropped, control = muon_dist_run.train(load_path=ckpt, callbacks=[muon_dist_run.DropOptimizerState()])
+    assert int(control.state.timestamp.batch) == int(trainer.state.timestamp.batch) == muon_dist_run.STEPS
+    assert not all(torch.equal(full[k], dropped[k]) for k in full)
+
+
+def test_scheduler_keys_pass_through():
+    """Composer's LambdaLR-based schedulers add `initial_lr`; Muon keeps keys it does not own."""
+    lin = nn.Linear(4, 3)
+    opt = Muon([{"params": [lin.weight], "use_muon": True, "initial_lr": 1e-4}])
+    assert opt.param_groups[0]["initial_lr"] == 1e-4
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    opt.add_param_group({"params": [lin.bias], "use_muon": False, "initial_lr": 1e-4})
+
+
+def test_nesterov_off_follows_plain_momentum():
+    torch.manual_seed(3)
+    w = nn.Parameter(torch.randn(12, 20))
+    lr, mu = 0.05, 0.9
+    opt = Muon([{"params": [w], "use_muon": True}], lr=lr, momentum=mu, nesterov=False, scaling="none")
+    w_ref, buf = w.detach().clone().double(), torch.zeros(12, 20, dtype=torch.float64)
+    for _ in range(3):
+        g = torch.randn(12, 20)
+        w.grad = g
+        opt.step()
+        buf = mu * buf + (1 - mu) * g.double()
+        w_ref = w_ref - lr * reference_newton_schulz(buf)
+    torch.testing.assert_close(w.detach().double(), w_ref, atol=1e-5, rtol=0)
+
+
+def test_ns_chunks_orthogonalise_each_row_block_apart():
+    """A fused [3C, C] qkv with ns_chunks=3: each C x C block is its own Muon matrix (update and scale)."""
+    torch.manual_seed(4)
+    w = nn.Parameter(torch.randn(24, 8))
+    g = torch.randn(24, 8)
+    opt = Muon([{"params": [w], "use_muon": True, "ns_chunks": 3}], lr=0.1, momentum=0.0, nesterov=False)
+    before = w.detach().clone().double()
+    w.grad = g
+    opt.step()
+    blocks = [reference_newton_schulz(block) for block in g.chunk(3)]
+    expected = before - 0.1 * update_scale("moonlight", 8, 8) * torch.cat(blocks)
+    torch.testing.assert_close(w.detach().double(), expected, atol=1e-5, rtol=0)
+    assert opt.ns_flops == 3 * newton_schulz_flops(8, 8, 5)
+    # tall and wide blocks of one wide shape are stacked into one batched call with the same result
+    mats = [torch.randn(16, 6), torch.randn(6, 16), torch.randn(12, 16)]
+    outs = orthogonalize_chunks(mats, [1, 1, 2], [5, 5, 5], ["iterate"] * 3, torch.float32)
+    refs = [reference_newton_schulz(mats[0]), reference_newton_schulz(mats[1]),
+            torch.cat([reference_newton_schulz(b) for b in mats[2].chunk(2)])]
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["iterate", "gram"])
+@pytest.mark.parametrize("shape", [(33, 10), (10, 64)])
+def test_newton_schulz_flops_match_flop_counter(shape, method):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        newton_schulz(torch.randn(shape), steps=5, method=method)
+    assert counter.get_total_flops() == newton_schulz_flops(*shape, 5, method)
 
 
 def test_update_rms_monitor_logs_each_group():
@@ -271,7 +334,10 @@ def test_default_grouping_on_pixel_dit(tiny_model):
     adam = {names[id(p)] for p in groups["adam"]}
     assert "denoiser.blocks.0.qkv.weight" in muon and "denoiser.blocks.3.down_proj.weight" in muon
     assert "denoiser.blocks.0.text_kv.weight" in muon
-    assert {"denoiser.blocks.0.modulation.weight", "denoiser.patch_in.weight", "denoiser.final_proj.weight",
+    assert "denoiser.blocks.0.modulation.weight" in muon  # the recipe: every 2D block matrix
+    assert {"denoiser.patch_in.weight", "denoiser.final_proj.weight",
             "denoiser.text_proj.weight", "denoiser.blocks.0.modulation.bias"} <= adam
     assert all(p.ndim == 2 for p in groups["muon"])
     assert len(muon) + len(adam) == sum(1 for _ in tiny_model.parameters())
+    split = {g["name"]: g["params"] for g in muon_param_groups(tiny_model, grouping="modulation_adam")}
+    assert "denoiser.blocks.0.modulation.weight" in {names[id(p)] for p in split["adam"]}
