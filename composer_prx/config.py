@@ -7,13 +7,22 @@
 Components are chosen by registry name (`ema`, `gradient_clipping`, `tread`, `muon`, `speed_monitor`,
 `samples`, ...), never by import path.  Registry entries are "module:attribute" strings resolved on use,
 so optional extras load only when a config names them.
+
+The registries are open: `register("algorithms", "my_algo", MyAlgo)` (or "my_pkg.algos:MyAlgo"), or a
+Python entry point in the group "composer_prx.<registry>" of an installed package, e.g. in pyproject.toml
+    [project.entry-points."composer_prx.algorithms"]
+    my_algo = "my_pkg.algos:MyAlgo"
+makes `algorithms: {my_algo: {...}}` work from any YAML.  Registries, named like their YAML section:
+algorithms, callbacks, loggers, optimizer, scheduler, data, model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import inspect
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +34,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from composer_prx.flow import TimeSampling
 from composer_prx.model.dit import DiTConfig
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -70,6 +82,9 @@ DATASETS = {
     "shapes": "composer_prx.data.shapes:build_shapes_dataloader",
     "mds": "composer_prx.data.dataset:build_dataloader",
 }
+MODELS = {
+    "prx": "composer_prx.train:build_prx_model",
+}
 REGISTRIES = {
     "algorithms": ALGORITHMS,
     "callbacks": CALLBACKS,
@@ -77,18 +92,62 @@ REGISTRIES = {
     "optimizer": OPTIMIZERS,
     "scheduler": SCHEDULERS,
     "data": DATASETS,
+    "model": MODELS,
 }
+ENTRY_POINT_PREFIX = "composer_prx."  # entry-point group of a registry: composer_prx.<registry>
 # Arguments the trainer fills in itself; a YAML must not set them.
-INJECTED = {"data": {"batch_size", "seed", "patch_size", "resolution"}, "optimizer": {"model"}}
+INJECTED = {"data": {"batch_size", "seed", "patch_size", "resolution"}, "optimizer": {"model"}, "model": {"cfg"}}
+_entry_points_loaded = False
+
+
+def register(registry: str, name: str, obj: Any) -> None:
+    """Make `obj` (a class or builder, or its "module:attribute" path) usable by `name` in `registry`.
+
+    Re-registering the same object is allowed; taking a name that is already used is an error.
+    """
+    if registry not in REGISTRIES:
+        raise ConfigError(f"unknown registry {registry!r}; registries: {sorted(REGISTRIES)}")
+    if not isinstance(name, str) or not name or "." in name or "=" in name:
+        raise ConfigError(f"registry name must be a non-empty string without '.' or '=', got {name!r}")
+    if isinstance(obj, str) and (obj.count(":") != 1 or not all(obj.split(":"))):
+        raise ConfigError(f"register({registry!r}, {name!r}, {obj!r}): a path must read 'module:attribute'")
+    if not isinstance(obj, str) and not callable(obj):
+        raise ConfigError(f"register({registry!r}, {name!r}, ...): {obj!r} is neither callable nor 'module:attribute'")
+    table = REGISTRIES[registry]
+    if name in table and table[name] is not obj and table[name] != obj:
+        raise ConfigError(f"{registry} name {name!r} is already registered to {table[name]!r}; choose another name")
+    table[name] = obj
+
+
+def load_entry_points() -> None:
+    """Register every installed package's entry points in the groups composer_prx.<registry>."""
+    global _entry_points_loaded
+    _entry_points_loaded = True
+    for registry, table in REGISTRIES.items():
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_PREFIX + registry):
+            if entry.name in table and table[entry.name] != entry.value:
+                log.warning("entry point %s = %s (group %s%s) ignored: the name is taken by %s", entry.name,
+                            entry.value, ENTRY_POINT_PREFIX, registry, table[entry.name])
+                continue
+            table[entry.name] = entry.value
 
 
 def resolve(registry: str, name: str) -> Any:
     """Registry name -> the class or builder it names."""
+    if not _entry_points_loaded:
+        load_entry_points()
     table = REGISTRIES[registry]
     if name not in table:
-        raise ConfigError(f"unknown {registry} name {name!r}; registered names: {sorted(table)}")
-    module, attr = table[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+        raise ConfigError(f"unknown {registry} name {name!r}; registered names: {sorted(table)} (add your own "
+                          f"with composer_prx.config.register or a {ENTRY_POINT_PREFIX}{registry} entry point)")
+    entry = table[name]
+    if not isinstance(entry, str):
+        return entry
+    module, attr = entry.split(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{registry} name {name!r} is registered as {entry!r}, which cannot be imported: {err}") from err
 
 
 # ---- schema ---------------------------------------------------------------------------------------
@@ -101,6 +160,8 @@ class TextEncoderSection:
 
 @dataclass
 class ModelSection:
+    name: str = "prx"  # the model registry's builder(cfg, **settings) -> ComposerModel
+    settings: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a registered builder
     dit: DiTConfig = field(default_factory=DiTConfig)
     text_encoder: TextEncoderSection | None = field(default_factory=TextEncoderSection)
     time_sampling: TimeSampling = field(default_factory=TimeSampling)
@@ -297,6 +358,8 @@ def check_components(cfg: TrainConfig) -> None:
     for registry in ("algorithms", "callbacks", "loggers"):
         for name, kwargs in getattr(cfg, registry).items():
             check_kwargs(resolve(registry, name), kwargs, f"{registry}.{name}")
+    check_kwargs(resolve("model", cfg.model.name), cfg.model.settings, f"model.settings ({cfg.model.name})",
+                 INJECTED["model"])
 
 
 def check_consistency(cfg: TrainConfig) -> None:
