@@ -283,7 +283,7 @@ class PixelDiT(nn.Module):
         text_tokens = self.text_proj(self.text_norm(text))
         if text_mask is not None:
             text_mask = text_mask.bool()
-            if bool(text_mask.all()):
+            if text_mask.device.type == "cpu" and bool(text_mask.all()):  # skip an all-real mask; no device sync
                 text_mask = None
         rope = rope_2d(grid_h, grid_w, self.cfg.head_dim, self.cfg.rope_theta, t.device)
         return BlockContext(temb=temb, text=text_tokens, text_mask=text_mask, rope=rope)
