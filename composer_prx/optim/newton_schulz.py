@@ -48,17 +48,22 @@ def newton_schulz(
             poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
             x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b A + c A^2) X
     else:
-        gram = torch.bmm(x, x.mT)  # A_0  [K, r, r]
-        q = None
-        for k in range(steps):
-            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-            poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P_k = a I + b A_k + c A_k^2
-            q = poly if q is None else torch.bmm(poly, q)  # Q_{k+1} = P_k Q_k
-            if k < steps - 1:
-                gram = torch.bmm(poly, torch.bmm(gram, poly))  # A_{k+1} = P_k A_k P_k
-        x = torch.bmm(q, x)  # X_steps = Q_steps X_0
+        x = torch.bmm(gram_polynomial(torch.bmm(x, x.mT), steps), x)  # X_steps = Q_steps X_0
     x = x.reshape(*batch_shape, x.size(-2), x.size(-1))
     return x.mT if tall else x
+
+
+def gram_polynomial(gram: torch.Tensor, steps: int) -> torch.Tensor:
+    """Q_steps of the Gram form from A_0 = X0 X0^T [K, r, r]: Q_{k+1} = P_k Q_k, A_{k+1} = P_k A_k P_k."""
+    a, b, c = NS_COEFFS
+    q = None
+    for k in range(steps):
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P_k = a I + b A_k + c A_k^2
+        q = poly if q is None else torch.bmm(poly, q)  # Q_{k+1} = P_k Q_k
+        if k < steps - 1:
+            gram = torch.bmm(poly, torch.bmm(gram, poly))  # A_{k+1} = P_k A_k P_k
+    return q
 
 
 def newton_schulz_flops(m: int, n: int, steps: int = 5, method: str = "iterate") -> int:
@@ -98,25 +103,32 @@ def update_scale(rule: str, m: int, n: int) -> float:
 
 def orthogonalize_chunks(
     mats: Sequence[torch.Tensor], chunks: Sequence[int], steps: Sequence[int], methods: Sequence[str],
-    dtype: torch.dtype,
+    dtype: torch.dtype, eps: float = 1e-7,
 ) -> list[torch.Tensor]:
     """Newton-Schulz of each [m, n] matrix, its rows split into `chunks` equal blocks orthogonalised apart.
 
-    Blocks of the same wide shape (a [1344, 384] and a [384, 1344] matrix alike), steps and method are
-    stacked into one batched call. Returns each matrix's [m, n] result in `dtype`.
+    Blocks are taken in the wide orientation (a [1344, 384] and a [384, 1344] matrix alike). Plain-iteration
+    blocks of one wide shape are stacked into one batched call; Gram-form blocks of one r share the r x r
+    iteration (gram_polynomial) whatever their s. Returns each matrix's [m, n] result in `dtype`.
     """
-    pieces: list[list[torch.Tensor]] = []
-    buckets: dict[tuple, list[tuple[int, int, torch.Tensor, bool]]] = {}
+    blocks = []  # (matrix index, block index, wide block in dtype, tall)
     for i, (mat, k) in enumerate(zip(mats, chunks)):
-        blocks = list(mat.chunk(k)) if k > 1 else [mat]
-        pieces.append([None] * len(blocks))  # type: ignore[list-item]
-        for j, block in enumerate(blocks):
+        for j, block in enumerate(mat.chunk(k) if k > 1 else [mat]):
             tall = block.size(0) > block.size(1)
-            wide = block.mT if tall else block
-            buckets.setdefault((tuple(wide.shape), steps[i], methods[i]), []).append((i, j, wide, tall))
-    for (_, n_steps, method), members in buckets.items():
-        stacked = torch.stack([m[2] for m in members]) if len(members) > 1 else members[0][2].unsqueeze(0)
-        orth = newton_schulz(stacked, steps=n_steps, dtype=dtype, method=method)  # [K, r, s]
-        for (i, j, _, tall), o in zip(members, orth):
-            pieces[i][j] = o.mT if tall else o
-    return [torch.cat(p) if len(p) > 1 else p[0] for p in pieces]
+            blocks.append((i, j, (block.mT if tall else block).to(dtype), tall))
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    buckets: dict[tuple, list[int]] = {}
+    for b, (i, _, wide, _) in enumerate(blocks):
+        shape_key = wide.size(0) if methods[i] == "gram" else tuple(wide.shape)
+        buckets.setdefault((methods[i], shape_key, steps[i]), []).append(b)
+    for (method, _, n_steps), members in buckets.items():
+        if method == "iterate":
+            orth = newton_schulz(torch.stack([blocks[b][2] for b in members]), n_steps, dtype, eps, "iterate")
+        else:
+            x0 = [w / (torch.linalg.matrix_norm(w) + eps) for w in (blocks[b][2] for b in members)]
+            q = gram_polynomial(torch.stack([x @ x.mT for x in x0]), n_steps)  # [K, r, r]
+            orth = [q_k @ x for q_k, x in zip(q, x0)]
+        for b, o in zip(members, orth):
+            i, j, _, tall = blocks[b]
+            out[i, j] = o.mT if tall else o
+    return [torch.cat([out[i, j] for j in range(k)]) if k > 1 else out[i, 0] for i, k in enumerate(chunks)]

@@ -294,13 +294,15 @@ def test_ns_chunks_orthogonalise_each_row_block_apart():
     expected = before - 0.1 * update_scale("moonlight", 8, 8) * torch.cat(blocks)
     torch.testing.assert_close(w.detach().double(), expected, atol=1e-5, rtol=0)
     assert opt.ns_flops == 3 * newton_schulz_flops(8, 8, 5)
-    # tall and wide blocks of one wide shape are stacked into one batched call with the same result
-    mats = [torch.randn(16, 6), torch.randn(6, 16), torch.randn(12, 16)]
-    outs = orthogonalize_chunks(mats, [1, 1, 2], [5, 5, 5], ["iterate"] * 3, torch.float32)
+    # tall and wide blocks are batched (one wide shape; Gram form: one r, any s) with the same result
+    mats = [torch.randn(16, 6), torch.randn(6, 16), torch.randn(12, 16), torch.randn(6, 40)]
     refs = [reference_newton_schulz(mats[0]), reference_newton_schulz(mats[1]),
-            torch.cat([reference_newton_schulz(b) for b in mats[2].chunk(2)])]
-    for out, ref in zip(outs, refs):
-        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+            torch.cat([reference_newton_schulz(b) for b in mats[2].chunk(2)]), reference_newton_schulz(mats[3])]
+    for method in ("iterate", "gram"):
+        outs = orthogonalize_chunks(mats, [1, 1, 2, 1], [5] * 4, [method] * 4, torch.float32)
+        for out, ref, mat in zip(outs, refs, mats):
+            assert out.shape == mat.shape
+            torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["iterate", "gram"])
