@@ -118,21 +118,41 @@ def test_missing_text_encoder_weights_named(tmp_path, data_root):
         train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), "model.text_encoder.name_or_path=/no/such/encoder"])
 
 
+def sharded_model_state(folder: Path, out: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a sharded (DCP) Composer checkpoint folder, gathered into one dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, out)
+    state = torch.load(out, weights_only=False)["state"]["model"]
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 def test_fsdp2_two_ranks_trains_and_resumes(tmp_path, data_root):
-    """FSDP2 (gloo, CPU): sharded training, sharded checkpoint, and a resume that reloads it."""
+    """FSDP2 (gloo, CPU): sharded training, sharded checkpoint, and a resume that lands on the weights of an
+    uninterrupted run."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # trainer.fsdp means FSDP2 without FSDP_VERSION=2
     base = [*composer_launch(2, "-m", "composer_prx.train"), QUICKSTART, "callbacks.samples.interval=null", "trainer.fsdp={}",
             "algorithms.ema=null"]
-    first = subprocess.run(base + tiny_overrides(tmp_path, data_root, "fsdp", "2ba"), env=env, capture_output=True,
-                           text=True, timeout=600, cwd=tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    def run(*overrides):
+        proc = subprocess.run(base + list(overrides), env=env, capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    run(*tiny_overrides(tmp_path, data_root, "fsdp", "2ba"))
     ckpt = tmp_path / "runs" / "fsdp" / "checkpoints" / "ep0-ba2"
     assert ckpt.is_dir(), list((tmp_path / "runs" / "fsdp" / "checkpoints").iterdir())
-    second = subprocess.run(base + tiny_overrides(tmp_path, data_root, "fsdp", "3ba")
-                            + [f"trainer.load_path={ckpt}", "trainer.save_overwrite=true"],
-                            env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    second = run(*tiny_overrides(tmp_path, data_root, "fsdp", "3ba"), f"trainer.load_path={ckpt}",
+                 "trainer.save_overwrite=true", "trainer.save_interval=3ba")
     assert "ShapesEval held-out 1obj" in second.stdout
+    run(*tiny_overrides(tmp_path, data_root, "fsdp_full", "3ba"), "trainer.save_interval=3ba",
+        "callbacks.shapes_eval=null")
+    resumed = sharded_model_state(tmp_path / "runs" / "fsdp" / "checkpoints" / "ep0-ba3", tmp_path / "resumed.pt")
+    full = sharded_model_state(tmp_path / "runs" / "fsdp_full" / "checkpoints" / "ep0-ba3", tmp_path / "full.pt")
+    assert resumed.keys() == full.keys() and any("blocks" in k for k in full)
+    for key in full:
+        assert torch.equal(resumed[key], full[key]), key
 
 
 def test_bad_sampling_settings_fail_before_training(tmp_path, data_root):

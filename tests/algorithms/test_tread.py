@@ -436,6 +436,26 @@ def test_self_guidance_without_a_trained_route_asks_for_one():
     assert routed.shape == (1, 3, 16, 16)
 
 
+def test_ranks_draw_different_selections_of_the_same_batch(monkeypatch):
+    """Each rank reseeds from (seed, rank, batch, micro-batch): same batch, different tokens per rank."""
+    from types import SimpleNamespace
+
+    from composer.core import Event
+
+    from composer_prx.algorithms import tread as tread_module
+
+    state = SimpleNamespace(timestamp=SimpleNamespace(batch=SimpleNamespace(value=5)))
+    draws = {}
+    for rank in (0, 1, 0):
+        monkeypatch.setattr(tread_module.dist, "get_global_rank", lambda rank=rank: rank)
+        algorithm = Tread(seed=3)
+        algorithm.apply(Event.BATCH_START, state, None)
+        algorithm.apply(Event.BEFORE_FORWARD, state, None)
+        keep = draw_keep_idx(4, 64, 0.5, algorithm._generator)
+        assert torch.equal(draws.setdefault(rank, keep), keep)  # the same rank redraws the same tokens
+    assert not torch.equal(draws[0], draws[1])
+
+
 def test_tread_algorithm_records_its_routes_at_init():
     model = TinyFlow()
     tiny_trainer(model, max_duration="1ba", algorithms=[Tread(routes=[(0, 1, 0.25), {"route_start": -2,
