@@ -1,7 +1,8 @@
 """python -m composer_prx.bench data -- decode+resize throughput next to the training step's consumption.
 
 Prints (1) decoded + resized samples/s of one worker (the in-process dataset path, num_workers=0)
-for JPEG samples stored at 512 and 1024 px, and (2) for the quickstart (shapes at 32 px, batch 32,
+for JPEG samples stored at 512 and 1024 px, (1b) 1024 px stored -> 512 px trained: JPEG draft decoding
+(the dataset's path) next to a full decode + resize (the previous path), and (2) for the quickstart (shapes at 32 px, batch 32,
 the quickstart PixelDiT): seconds per batch spent loading vs in the training step, and the ratio.
 """
 
@@ -15,7 +16,7 @@ import time
 import numpy as np
 
 
-def _write_jpeg_bucket(root: str, size: int, count: int) -> None:
+def _write_jpeg_bucket(root: str, size: int, count: int, shard_size: int = 1 << 26) -> None:
     from PIL import Image
     from streaming import MDSWriter
 
@@ -24,7 +25,8 @@ def _write_jpeg_bucket(root: str, size: int, count: int) -> None:
     rng = np.random.default_rng(size)
     ramp = np.linspace(0, 255, size, dtype=np.float32)
     with MDSWriter(out=os.path.join(root, f"h{size}_w{size}"),
-                   columns={"image": "bytes", "caption": "str", "width": "int", "height": "int"}) as writer:
+                   columns={"image": "bytes", "caption": "str", "width": "int", "height": "int"},
+                   size_limit=shard_size) as writer:
         for i in range(count):
             # a smooth photo-like image with some texture, so JPEG sizes are realistic
             base = np.add.outer(ramp * rng.uniform(0.3, 1), ramp * rng.uniform(0.3, 1)) / 2
@@ -48,6 +50,68 @@ def decode_rate(size: int, count: int, resolution: int, patch_size: int) -> floa
         elapsed = time.perf_counter() - start
         del loader
     return seen / elapsed
+
+
+def downscale_rates(count: int) -> tuple[float, float]:
+    """(samples/s with JPEG draft decoding, samples/s with a full decode) for 1024-px JPEGs -> 512-px buckets."""
+    from PIL import Image
+
+    from composer_prx.data.buckets import Bucket
+    from composer_prx.data.dataset import image_to_uint8
+    from composer_prx.data.imaging import load_for_bucket, resize_to_bucket, to_rgb
+
+    with tempfile.TemporaryDirectory() as root:
+        _write_jpeg_bucket(root, 1024, count)
+        from streaming import StreamingDataset
+
+        stored = StreamingDataset(local=os.path.join(root, "h1024_w1024"), batch_size=1, shuffle=False)
+        encoded = [stored[i]["image"] for i in range(count)]
+        del stored
+    target = Bucket(512, 512)
+    rates = []
+    for draft in (True, False):
+        start = time.perf_counter()
+        for data in encoded:
+            if draft:
+                image = load_for_bucket(data, lambda h, w: target)[0]
+            else:
+                import io
+
+                full = Image.open(io.BytesIO(data))
+                full.load()
+                image = resize_to_bucket(to_rgb(full), target)
+            image_to_uint8(image)
+        rates.append(count / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def node_traffic(nodes: int = 2, ranks_per_node: int = 1) -> tuple[list[int], int]:
+    """(bytes of shards each simulated node's ranks read in one epoch, total dataset bytes).
+
+    Simulates the epoch plan for ``nodes`` x ``ranks_per_node`` ranks and sums the sizes of the
+    distinct shards holding each node's samples (what a node downloads with an empty cache).
+    """
+    from streaming.base.world import World
+
+    from composer_prx.data.dataset import build_dataset
+
+    with tempfile.TemporaryDirectory() as root:
+        _write_jpeg_bucket(root, 256, 96, shard_size=1 << 16)
+        dataset = build_dataset(None, root, batch_size=4, resolution=256, patch_size=32, shuffle=True, seed=0)
+        world = World(num_nodes=nodes, ranks_per_node=ranks_per_node, workers_per_rank=1, node=0,
+                      rank_of_node=0, worker_of_rank=0)
+        from composer_prx.data.dataset import _generate_bucket_work
+
+        work = _generate_bucket_work(dataset, world, 0, 0)  # [nodes, ranks_per_node, workers, batches, B]
+        shard_bytes = [shard.get_raw_size() for shard in dataset.shards]
+        per_node = []
+        for node in range(nodes):
+            ids = work[node][work[node] >= 0]
+            shards = {int(dataset.spanner[int(i)][0]) for i in ids}
+            per_node.append(sum(shard_bytes[s] for s in shards))
+        total = sum(shard_bytes)
+        del dataset
+    return per_node, total
 
 
 def quickstart_ratio(steps: int, step_seconds: float | None) -> tuple[float, float]:
@@ -104,6 +168,12 @@ def main(argv: list[str]) -> None:
     for size in (512, 1024):
         rate = decode_rate(size, args.samples, size, 32)
         print(f"  {size:5d} px: {rate:8.1f} samples/s/worker  ({1000 / rate:6.1f} ms/sample)")
+    draft, full = downscale_rates(args.samples)
+    print(f"  1024 -> 512 px: {draft:8.1f} samples/s/worker with JPEG draft decoding vs {full:8.1f} with a full "
+          f"decode ({draft / full:.2f}x)")
+    per_node, total = node_traffic(2)
+    print(f"bytes read per node, 2 simulated nodes x 1 rank, one epoch: {per_node} of {total} "
+          f"({[round(b / total, 2) for b in per_node]} of the data; goal 0.5 each)")
     torch.set_num_threads(threads)
     data_s, step_s = quickstart_ratio(args.steps, args.step_seconds)
     print("quickstart (shapes 32 px, batch 32, num_workers=0):")

@@ -4,42 +4,62 @@
            --format jpeg --quality 95 --workers 4 --caption-columns caption prompt]
 
 Inputs (mixed freely):
-    folder      images (jpg/jpeg/png/webp/bmp) with side-car captions: <stem>.txt -> column "caption",
-                <stem>.json -> every string field is a caption column
-    *.tar       WebDataset shards: members grouped by key; an image member + .txt / .json members
+    folder      images (jpg/jpeg/png/webp/bmp/tif/tiff/gif) with side-car captions: <stem>.txt -> column
+                "caption", <stem>.json -> its string fields
+    *.tar       WebDataset shards: adjacent members sharing a key; an image member + .txt / .json members
     *.parquet   an image column (binary, or a struct with "bytes" like HF datasets' Image) + string columns
 
-    sample -> decode -> nearest bucket (data/buckets.py) -> resize to cover + centre crop -> encode ONCE
-           -> OUT/h<H>_w<W>/ (MDS: image bytes, caption columns, width, height, source)
+    sample -> decode -> EXIF orientation, alpha on white (data/imaging.py) -> nearest bucket (data/buckets.py)
+           -> resize to cover + centre crop -> encode ONCE -> OUT/h<H>_w<W>/ (MDS: image, captions, width,
+           height, source)
 
-OUT/buckets.json lists the buckets, counts and caption columns; OUT/convert_summary.json lists what was
-written and every rejected input by name with its reason. Re-running with the same inputs and settings
-finds OUT/convert.json and does nothing.
+Caption columns follow the one rule of data/columns.py (caption, prompt, text, ..., *_caption) unless
+``--caption-columns`` names them; the choice is recorded in OUT/buckets.json, which the dataset reads.
+OUT/convert_summary.json lists what was written, the string columns left out, and every rejected input
+by name with its reason (undecodable, too large, unreadable, corrupt tar, unsupported type, caption
+without image, ...): one bad input never stops a conversion.
+
+Safety: OUT must be empty, new, or an earlier output of this converter (it holds convert.json); only
+the converter's own files are ever replaced. OUT/convert.json is the completion marker: a (re)write
+first replaces it and buckets.json by "in_progress" stubs (readers refuse such a dataset) and writes
+the real ones last. Re-running with the same inputs and settings finds the marker and does nothing.
+A remote OUT is streamed shard by shard (nothing is staged whole); uploads are retried.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tarfile
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from composer_prx.data.buckets import Bucket, nearest_bucket
+from composer_prx.data.columns import caption_columns_of, check_requested
+from composer_prx.data.imaging import BACKGROUND, load_for_bucket
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# image types PIL cannot decode here: reported as rejects, never skipped silently
+UNSUPPORTED_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".dng", ".cr2", ".nef", ".arw")
+CAPTION_EXTENSIONS = (".txt", ".json")
+TAR_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
-CONVERT_VERSION = 1
+CONVERT_VERSION = 2
+MARKER_FILE, BUCKETS_FILE, SUMMARY_FILE = "convert.json", "buckets.json", "convert_summary.json"
+IN_PROGRESS = "in_progress"
+UPLOAD_ATTEMPTS = 8  # per file (streaming's exponential backoff: 1, 2, 4, ... s) and per uploader set-up
+_BUCKET_DIR = re.compile(r"^h\d+_w\d+$")
 
 
 @dataclass(frozen=True)
@@ -51,9 +71,10 @@ class ConvertConfig:
     max_ratio: float = 2.0
     format: str = "jpeg"
     quality: int = 95
-    caption_columns: tuple[str, ...] | None = None  # None: every string column / side-car field
+    caption_columns: tuple[str, ...] | None = None  # None: the rule of data/columns.py
     min_side: int = 0  # reject images whose shorter side is smaller (0: keep all)
     shard_size: int = 1 << 26  # bytes per MDS shard before a new one starts
+    background: tuple[int, int, int] = BACKGROUND  # transparent pixels are composited on this colour
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -63,6 +84,12 @@ class ConvertConfig:
         if self.base_resolution % self.patch_size:
             raise ValueError(f"base_resolution {self.base_resolution} must be a multiple of patch_size "
                              f"{self.patch_size}")
+        if self.caption_columns is not None:
+            object.__setattr__(self, "caption_columns", tuple(self.caption_columns))
+            check_requested(self.caption_columns)
+        object.__setattr__(self, "background", tuple(int(c) for c in self.background))
+        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
+            raise ValueError(f"background must be an RGB triple in [0, 255], got {self.background}")
 
 
 @dataclass
@@ -72,7 +99,7 @@ class RawSample:
     name: str
     image: bytes | None
     captions: dict[str, str]
-    error: str | None = None  # a problem found while reading the input (e.g. unreadable side-car)
+    error: str | None = None  # a problem found while reading the input (reported as the reject reason)
 
 
 @dataclass
@@ -80,11 +107,20 @@ class ConvertSummary:
     written: dict[str, int] = field(default_factory=dict)  # bucket name -> samples
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (input name, reason)
     caption_columns: list[str] = field(default_factory=list)
+    ignored_columns: list[str] = field(default_factory=list)  # string columns that are not captions
     skipped_existing: bool = False
 
     def report(self) -> str:
-        lines = [f"wrote {sum(self.written.values())} samples in {len(self.written)} buckets"]
+        total = sum(self.written.values())
+        if self.skipped_existing:
+            lines = [f"up to date (same inputs and settings): nothing written; the output holds {total} samples "
+                     f"in {len(self.written)} buckets from the earlier run"]
+        else:
+            lines = [f"wrote {total} samples in {len(self.written)} buckets"]
         lines += [f"  {name}: {count}" for name, count in sorted(self.written.items())]
+        lines.append(f"caption columns: {self.caption_columns}"
+                     + (f"; string columns not used as captions: {self.ignored_columns}" if self.ignored_columns
+                        else ""))
         lines.append(f"rejected {len(self.rejected)} inputs")
         reasons = Counter(reason.split(":")[0] for _, reason in self.rejected)
         lines += [f"  {reason}: {count}" for reason, count in reasons.most_common()]
@@ -93,7 +129,7 @@ class ConvertSummary:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Readers
+# Readers: every input becomes RawSamples; a problem becomes a RawSample with ``error`` (a reject)
 # ---------------------------------------------------------------------------------------------------
 def _captions_from_json(text: str, name: str) -> dict[str, str]:
     data = json.loads(text)
@@ -102,15 +138,34 @@ def _captions_from_json(text: str, name: str) -> dict[str, str]:
     return {k: v for k, v in data.items() if isinstance(v, str)}
 
 
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def read_folder(folder: str) -> Iterator[RawSample]:
-    """Images under ``folder`` (recursive, sorted) with <stem>.txt / <stem>.json side-car captions."""
+    """Images under ``folder`` (recursive, sorted) with <stem>.txt / <stem>.json side-car captions.
+
+    Unsupported image types, unreadable files and side-cars without an image are yielded as rejects.
+    """
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
+        stems_with_image = {os.path.splitext(f)[0] for f in filenames
+                            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS + UNSUPPORTED_IMAGE_EXTENSIONS}
         for filename in sorted(filenames):
             stem, ext = os.path.splitext(filename)
+            path = os.path.join(dirpath, filename)
+            name = os.path.relpath(path, folder)
+            if ext.lower() in CAPTION_EXTENSIONS and stem not in stems_with_image:
+                yield RawSample(name, None, {}, f"caption without image: no {stem}.<{'|'.join(IMAGE_EXTENSIONS)}> "
+                                                "next to it")
+                continue
+            if ext.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
+                yield RawSample(name, None, {}, f"unsupported image type: {ext} (convert it to one of "
+                                                f"{', '.join(IMAGE_EXTENSIONS)})")
+                continue
             if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
-            path = os.path.join(dirpath, filename)
             captions: dict[str, str] = {}
             error = None
             txt, js = os.path.join(dirpath, stem + ".txt"), os.path.join(dirpath, stem + ".json")
@@ -123,51 +178,92 @@ def read_folder(folder: str) -> Iterator[RawSample]:
                         captions["caption"] = f.read().strip()
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 error = f"unreadable caption side-car: {exc}"
-            with open(path, "rb") as f:
-                image = f.read()
-            yield RawSample(os.path.relpath(path, folder), image, captions, error)
+            try:
+                image = _read_bytes(path)
+            except OSError as exc:
+                yield RawSample(name, None, captions, f"unreadable file: {type(exc).__name__}: {exc}")
+                continue
+            yield RawSample(name, image, captions, error)
+
+
+def _tar_sample(tar_name: str, key: str, members: dict[str, bytes]) -> RawSample:
+    name = f"{tar_name}:{key}"
+    image = next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+    captions, error = {}, None
+    try:
+        if "json" in members:
+            captions.update(_captions_from_json(members["json"].decode("utf-8"), name))
+        for ext in ("txt", "caption", "caption.txt"):
+            if ext in members:
+                captions["caption"] = members[ext].decode("utf-8").strip()
+    except (UnicodeDecodeError, ValueError) as exc:
+        error = f"unreadable caption member: {exc}"
+    if image is None and error is None:
+        unsupported = [e for e in members if "." + e in UNSUPPORTED_IMAGE_EXTENSIONS]
+        error = (f"unsupported image type: .{unsupported[0]}" if unsupported else
+                 f"caption without image: members {sorted(members)}, none of {list(TAR_IMAGE_EXTENSIONS)}")
+    return RawSample(name, image, captions, error)
 
 
 def read_webdataset(path: str) -> Iterator[RawSample]:
-    """Samples of one WebDataset .tar: members sharing a key (name up to the first dot) form a sample."""
-    groups: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            key, _, ext = base.partition(".")
-            key = os.path.join(os.path.dirname(member.name), key)
-            if key not in groups:
-                groups[key], order = {}, order + [key]
-            extracted = tar.extractfile(member)
-            groups[key][ext.lower()] = extracted.read() if extracted is not None else b""
-    for key in order:
-        members = groups[key]
-        name = f"{os.path.basename(path)}:{key}"
-        image = next((members[e] for e in ("jpg", "jpeg", "png", "webp", "bmp") if e in members), None)
-        captions, error = {}, None
-        try:
-            if "json" in members:
-                captions.update(_captions_from_json(members["json"].decode("utf-8"), name))
-            for ext in ("txt", "caption", "caption.txt"):
-                if ext in members:
-                    captions["caption"] = members[ext].decode("utf-8").strip()
-        except (UnicodeDecodeError, ValueError) as exc:
-            error = f"unreadable caption member: {exc}"
-        yield RawSample(name, image, captions, error)
+    """Samples of one WebDataset .tar, streamed: adjacent members sharing a key (name up to the first dot).
+
+    Only one sample's members are held in memory. A corrupt or truncated tar yields the samples read
+    before the damage and one reject for the rest.
+    """
+    tar_name = os.path.basename(path)
+    key, members, done, count = None, {}, set(), 0
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                member_key, _, ext = base.partition(".")
+                member_key = os.path.join(os.path.dirname(member.name), member_key)
+                if member_key != key:
+                    if key is not None:
+                        yield _tar_sample(tar_name, key, members)
+                        done.add(key)
+                        count += 1
+                    key, members = member_key, {}
+                    if key in done:
+                        raise tarfile.ReadError(f"members of sample {key!r} are not adjacent; WebDataset shards "
+                                                "keep a sample's files together (tar them sorted by name)")
+                extracted = tar.extractfile(member)
+                members[ext.lower()] = extracted.read() if extracted is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        after = f" after {count} samples" if count else ""
+        yield RawSample(tar_name, None, {}, f"corrupt tar{after}: {type(exc).__name__}: {exc}; "
+                                            "the rest of this tar was not converted")
+        return
+    if key is not None:
+        yield _tar_sample(tar_name, key, members)
+
+
+def _parquet_file(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from exc
+    return pq.ParquetFile(path)
+
+
+def _string_fields(schema) -> list[str]:
+    import pyarrow as pa
+
+    return [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
 
 
 def read_parquet(path: str, image_column: str | None = None) -> Iterator[RawSample]:
     """Rows of a parquet file: image bytes from ``image_column`` (auto: binary / struct with bytes)."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from exc
+    import pyarrow as pa
 
-    file = pq.ParquetFile(path)
+    try:
+        file = _parquet_file(path)
+    except (pa.ArrowException, OSError) as exc:
+        yield RawSample(os.path.basename(path), None, {}, f"unreadable parquet: {type(exc).__name__}: {exc}")
+        return
     schema = file.schema_arrow
     if image_column is None:
         for fld in schema:
@@ -178,7 +274,7 @@ def read_parquet(path: str, image_column: str | None = None) -> Iterator[RawSamp
         else:
             raise ValueError(f"{path}: no binary or {{bytes, path}} struct column for images in {schema.names}; "
                              "pass --image-column")
-    text_columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    text_columns = _string_fields(schema)
     row = 0
     for batch in file.iter_batches(batch_size=256):
         for record in batch.to_pylist():
@@ -202,18 +298,21 @@ def read_inputs(inputs: list[str], image_column: str | None = None) -> Iterator[
             raise ValueError(f"input {path!r} is not a folder, a .tar (WebDataset) or a .parquet file")
 
 
-def scan_caption_columns(inputs: list[str]) -> list[str]:
-    """Union of caption columns over all inputs (parquet schema, side-car/member json keys, .txt)."""
+def scan_string_columns(inputs: list[str]) -> list[str]:
+    """Union of string columns over all inputs (parquet schema, side-car/member json keys, .txt -> caption).
+
+    Unreadable pieces are skipped here; the readers report them as rejects.
+    """
     columns: set[str] = set()
     for path in inputs:
         if path.endswith(".parquet"):
             import pyarrow as pa
-            import pyarrow.parquet as pq
 
-            schema = pq.ParquetFile(path).schema_arrow
-            columns.update(f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
-            continue
-        if os.path.isdir(path):
+            try:
+                columns.update(_string_fields(_parquet_file(path).schema_arrow))
+            except (pa.ArrowException, OSError):
+                continue
+        elif os.path.isdir(path):
             for dirpath, _, filenames in os.walk(path):
                 for filename in filenames:
                     if filename.endswith(".txt"):
@@ -223,20 +322,44 @@ def scan_caption_columns(inputs: list[str]) -> list[str]:
                             with open(os.path.join(dirpath, filename), encoding="utf-8") as f:
                                 columns.update(_captions_from_json(f.read(), filename))
                         except (OSError, UnicodeDecodeError, ValueError):
-                            continue  # reported per sample by read_folder
-            continue
-        with tarfile.open(path) as tar:
-            for member in tar:
-                ext = os.path.basename(member.name).partition(".")[2].lower()
-                if ext in ("txt", "caption", "caption.txt"):
-                    columns.add("caption")
-                elif ext == "json" and member.isfile():
-                    extracted = tar.extractfile(member)
-                    try:
-                        columns.update(_captions_from_json(extracted.read().decode("utf-8"), member.name))
-                    except (UnicodeDecodeError, ValueError):
-                        continue  # reported per sample by read_webdataset
+                            continue
+        else:
+            try:
+                with tarfile.open(path) as tar:
+                    for member in tar:
+                        ext = os.path.basename(member.name).partition(".")[2].lower()
+                        if ext in ("txt", "caption", "caption.txt"):
+                            columns.add("caption")
+                        elif ext == "json" and member.isfile():
+                            extracted = tar.extractfile(member)
+                            try:
+                                columns.update(_captions_from_json(extracted.read().decode("utf-8"), member.name))
+                            except (UnicodeDecodeError, ValueError):
+                                continue
+            except (tarfile.TarError, OSError, EOFError):
+                continue
     return sorted(columns)
+
+
+def choose_caption_columns(inputs: list[str], requested: tuple[str, ...] | None) -> tuple[list[str], list[str]]:
+    """(caption columns, string columns left out): ``requested`` if given, else the rule of data/columns.py."""
+    found = scan_string_columns(inputs)
+    if requested:
+        check_requested(requested)
+        missing = [c for c in requested if c not in found]
+        if len(missing) == len(requested):
+            raise ValueError(f"none of the caption columns {list(requested)} occurs in the inputs; their string "
+                             f"columns are {found}")
+        if missing:
+            log.warning("caption columns %s do not occur in the inputs (string columns: %s)", missing, found)
+        columns = list(requested)
+    else:
+        columns = caption_columns_of(found)
+        if not columns:
+            raise ValueError(f"no caption column in {inputs}: string columns {found} include none named "
+                             "caption/prompt/text/description/*_caption; add .txt side-cars or name the "
+                             "columns with --caption-columns")
+    return columns, sorted(c for c in found if c not in columns)
 
 
 def _fingerprint(inputs: list[str]) -> str:
@@ -246,7 +369,7 @@ def _fingerprint(inputs: list[str]) -> str:
         entries = [path] if not os.path.isdir(path) else sorted(
             os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
         for entry in entries:
-            stat = os.stat(entry)
+            stat = os.stat(entry) if os.path.exists(entry) else os.lstat(entry)  # a broken link is a reject
             digest.update(f"{os.path.relpath(entry, path) if entry != path else path}:{stat.st_size}:"
                           f"{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -255,20 +378,10 @@ def _fingerprint(inputs: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Per-sample conversion (runs in worker processes)
 # ---------------------------------------------------------------------------------------------------
-def resize_to_bucket(image: "Image.Image", bucket: Bucket) -> "Image.Image":  # noqa: F821
-    """Scale to cover the bucket (antialiased bicubic), then centre-crop to exactly bucket size."""
-    from PIL import Image
-
-    width, height = image.size
-    scale = max(bucket.width / width, bucket.height / height)
-    new_w, new_h = max(bucket.width, round(width * scale)), max(bucket.height, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - bucket.width) // 2, (new_h - bucket.height) // 2
-    return image.crop((left, top, left + bucket.width, top + bucket.height))
-
-
 def encode_image(image: "Image.Image", fmt: str, quality: int) -> bytes:  # noqa: F821
     """PIL image -> bytes in ``fmt`` at ``quality`` (JPEG/WebP; PNG is lossless and ignores it)."""
+    import io
+
     buffer = io.BytesIO()
     options: dict[str, Any] = {"quality": quality} if fmt in ("jpeg", "webp") else {"optimize": False}
     image.save(buffer, format=FORMATS[fmt], **options)
@@ -287,19 +400,27 @@ def convert_sample(sample: RawSample, cfg: ConvertConfig, columns: tuple[str, ..
         return None, "missing caption: no non-empty caption" + (f" in columns {list(columns)}" if columns else "")
     if not sample.image:
         return None, "missing image"
+
+    def choose(height: int, width: int) -> Bucket:
+        if min(height, width) < cfg.min_side:
+            raise _TooSmall(f"too small: {width}x{height} < min_side {cfg.min_side}")
+        return nearest_bucket(height, width, cfg.base_resolution, cfg.patch_size, cfg.max_ratio)
+
     try:
-        image = Image.open(io.BytesIO(sample.image))
-        image.load()
-        image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        image, bucket, _ = load_for_bucket(sample.image, choose, cfg.background)
+    except _TooSmall as exc:
+        return None, str(exc)
+    except Image.DecompressionBombError as exc:
+        return None, f"too large: {exc}"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         return None, f"undecodable image: {type(exc).__name__}: {exc}"
-    if min(image.size) < cfg.min_side:
-        return None, f"too small: {image.size[0]}x{image.size[1]} < min_side {cfg.min_side}"
-    bucket = nearest_bucket(image.height, image.width, cfg.base_resolution, cfg.patch_size, cfg.max_ratio)
-    resized = resize_to_bucket(image, bucket)
-    row = {"image": encode_image(resized, cfg.format, cfg.quality), "width": bucket.width,
-           "height": bucket.height, "source": sample.name, **captions}
+    row = {**captions, "image": encode_image(image, cfg.format, cfg.quality), "width": bucket.width,
+           "height": bucket.height, "source": sample.name}
     return bucket.name, row
+
+
+class _TooSmall(Exception):
+    """An image below ``min_side`` (found from the header, before decoding)."""
 
 
 def _convert_star(args: tuple[RawSample, ConvertConfig, tuple[str, ...]]) -> tuple[str, Any, Any]:
@@ -307,20 +428,8 @@ def _convert_star(args: tuple[RawSample, ConvertConfig, tuple[str, ...]]) -> tup
 
 
 # ---------------------------------------------------------------------------------------------------
-# Driver
+# Output: local folder or remote URL
 # ---------------------------------------------------------------------------------------------------
-def _upload_tree(local_root: str, remote: str) -> None:
-    from streaming.base.storage.upload import CloudUploader
-
-    uploader = CloudUploader.get((local_root, remote), keep_local=True, exist_ok=True)
-    for dirpath, _, filenames in os.walk(local_root):
-        for filename in sorted(filenames):
-            if filename == "convert.json":
-                continue  # completion marker goes last
-            uploader.upload_file(os.path.relpath(os.path.join(dirpath, filename), local_root))
-    uploader.upload_file("convert.json")
-
-
 def _is_missing(exc: BaseException) -> bool:
     """True for "object does not exist" errors of the local, S3-style (botocore) and other downloaders."""
     if isinstance(exc, FileNotFoundError):
@@ -332,15 +441,21 @@ def _is_missing(exc: BaseException) -> bool:
 def fetch_file(remote: str, local: str, timeout: float = 60.0, attempts: int = 3) -> bool:
     """Download one object (any streaming-supported URL or path) to ``local``; False when it does not exist.
 
+    The object lands in a temporary file next to ``local`` and replaces it atomically, so a reader
+    (another rank sharing the cache) sees the old copy or the new one, never a missing file.
     Transient errors are retried ``attempts`` times, then re-raised; a missing object is not retried.
     """
     from streaming.base.storage.download import CloudDownloader
 
-    if os.path.exists(local):
-        os.remove(local)  # a stale copy must not stand in for the remote one
+    directory = os.path.dirname(os.path.abspath(local))
+    os.makedirs(directory, exist_ok=True)
     for attempt in range(1, attempts + 1):
+        handle, partial = tempfile.mkstemp(dir=directory, prefix=os.path.basename(local) + ".", suffix=".part")
+        os.close(handle)
+        os.remove(partial)  # downloaders create the file themselves
         try:
-            CloudDownloader.direct_download(remote, local, timeout)
+            CloudDownloader.direct_download(remote, partial, timeout)
+            os.replace(partial, local)
             return True
         except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
             if _is_missing(exc):
@@ -348,16 +463,132 @@ def fetch_file(remote: str, local: str, timeout: float = 60.0, attempts: int = 3
             if attempt == attempts:
                 raise
             log.warning("download of %s failed (attempt %d/%d): %s; retrying", remote, attempt, attempts, exc)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return False
 
 
-def _remote_marker(remote: str) -> dict[str, Any] | None:
+def _with_retries(action: Callable[[], Any], what: str, attempts: int = UPLOAD_ATTEMPTS) -> Any:
+    """``action()``, retried on any error with backoff 0.25 * 2^k s; the last error is re-raised.
+
+    For calls streaming does not retry itself (creating an uploader checks the bucket once).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as exc:  # noqa: BLE001 - object stores raise many types; re-raised when out of attempts
+            if attempt == attempts:
+                raise
+            log.warning("%s failed (attempt %d/%d): %s: %s; retrying", what, attempt, attempts,
+                        type(exc).__name__, exc)
+            time.sleep(0.25 * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _read_json(root: str, name: str) -> dict[str, Any] | None:
+    """``root/name`` parsed (local path or remote URL), None when it does not exist."""
+    if "://" not in root:
+        path = os.path.join(root, name)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
-        target = os.path.join(tmp, "convert.json")
-        if not fetch_file(remote.rstrip("/") + "/convert.json", target):
+        target = os.path.join(tmp, name)
+        if not fetch_file(root.rstrip("/") + "/" + name, target, attempts=UPLOAD_ATTEMPTS):
             return None
         with open(target) as f:
             return json.load(f)
+
+
+class _Output:
+    """Where the converter writes: a local folder, or a remote root streamed through a local staging folder."""
+
+    def __init__(self, out: str, staging: str | None) -> None:
+        self.out = out
+        self.remote = out if "://" in out else None
+        self._tmp = None
+        if self.remote is None:
+            self.local = out
+        elif staging is not None:
+            self.local = staging
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="prx_convert_")
+            self.local = self._tmp.name
+        self._uploader = None
+
+    def prepare(self) -> None:
+        """Take ownership of the output for a (re)write: marker replaced first, only our own files removed."""
+        if self.remote is None:
+            self._prepare_local()
+        else:
+            os.makedirs(self.local, exist_ok=True)
+        stub = {"status": IN_PROGRESS}
+        self.write_json(MARKER_FILE, stub)  # readers and re-runs now see an incomplete conversion
+        self.write_json(BUCKETS_FILE, {**stub, "buckets": []})
+        if self.remote is None:
+            for name in os.listdir(self.local):
+                path = os.path.join(self.local, name)
+                if _BUCKET_DIR.match(name) and os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif name == SUMMARY_FILE:
+                    os.remove(path)
+
+    def _prepare_local(self) -> None:
+        if not os.path.exists(self.local):
+            os.makedirs(self.local)
+            return
+        if not os.path.isdir(self.local):
+            raise FileExistsError(f"--out {self.local} is a file; pass a folder (new, empty, or an earlier output "
+                                  "of this converter)")
+        entries = os.listdir(self.local)
+        if entries and MARKER_FILE not in entries:
+            raise FileExistsError(
+                f"--out {self.local} is not empty and holds no {MARKER_FILE}, so it is not an output of this "
+                f"converter ({len(entries)} entries, e.g. {sorted(entries)[:3]}); nothing was changed. Pass a new "
+                "or empty folder, e.g. --out " + os.path.join(self.local, "mds"))
+        foreign = [e for e in entries if not (_BUCKET_DIR.match(e) or e in (MARKER_FILE, BUCKETS_FILE, SUMMARY_FILE))]
+        if foreign:
+            log.warning("%s holds entries the converter did not write; leaving them: %s", self.local, sorted(foreign))
+        log.warning("rewriting the converter's output in %s (other inputs/settings or an interrupted run)",
+                    self.local)
+
+    def writer(self, bucket_name: str, columns: dict[str, str], size_limit: int):
+        from streaming import MDSWriter
+
+        local = os.path.join(self.local, bucket_name)
+        if self.remote is None:
+            return MDSWriter(out=local, columns=columns, size_limit=size_limit)
+        return _with_retries(
+            lambda: MDSWriter(out=(local, self.remote.rstrip("/") + "/" + bucket_name), columns=columns,
+                              size_limit=size_limit, keep_local=False, retry=UPLOAD_ATTEMPTS, exist_ok=True),
+            f"opening {self.remote}/{bucket_name} for writing")
+
+    def write_json(self, name: str, obj: dict[str, Any]) -> None:
+        """Write ``name`` at the output root (atomically locally; uploaded with retries for a remote)."""
+        path = os.path.join(self.local, name)
+        with open(path + ".part", "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(path + ".part", path)
+        if self.remote is not None:
+            if self._uploader is None:
+                from streaming.base.storage.upload import CloudUploader
+
+                self._uploader = _with_retries(
+                    lambda: CloudUploader.get((self.local, self.remote), keep_local=True, retry=UPLOAD_ATTEMPTS,
+                                              exist_ok=True), f"connecting to {self.remote}")
+            self._uploader.upload_file(name)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _marker(inputs: list[str], cfg: ConvertConfig, image_column: str | None) -> dict[str, Any]:
+    marker = {"version": CONVERT_VERSION, "config": asdict(cfg), "image_column": image_column,
+              "inputs": [os.path.abspath(p) for p in inputs], "fingerprint": _fingerprint(inputs)}
+    return json.loads(json.dumps(marker))  # tuples -> lists: compares equal to the marker read back
 
 
 def convert(inputs: list[str], out: str, cfg: ConvertConfig = ConvertConfig(), workers: int = 1,
@@ -366,38 +597,40 @@ def convert(inputs: list[str], out: str, cfg: ConvertConfig = ConvertConfig(), w
 
     Returns a ConvertSummary (also written to out/convert_summary.json). Idempotent via out/convert.json.
     """
-    from streaming import MDSWriter
-
     if not inputs:
         raise ValueError("no inputs given; pass folders, .tar or .parquet files")
-    marker = {"version": CONVERT_VERSION, "config": asdict(cfg), "image_column": image_column,
-              "inputs": [os.path.abspath(p) for p in inputs], "fingerprint": _fingerprint(inputs)}
-    remote = out if "://" in out else None
-    local_root = out if remote is None else (staging or tempfile.mkdtemp(prefix="prx_convert_"))
-    existing = _remote_marker(remote) if remote else None
-    if remote is None and os.path.exists(os.path.join(local_root, "convert.json")):
-        with open(os.path.join(local_root, "convert.json")) as f:
-            existing = json.load(f)
-    if existing == marker:
+    marker = _marker(inputs, cfg, image_column)
+    if _read_json(out, MARKER_FILE) == marker:
         log.info("%s already holds this conversion (same inputs and settings); nothing to do", out)
-        summary = ConvertSummary(skipped_existing=True)
-        if remote is None:
-            with open(os.path.join(local_root, "convert_summary.json")) as f:
-                saved = json.load(f)
-            summary.written, summary.caption_columns = saved["written"], saved["caption_columns"]
-            summary.rejected = [tuple(r) for r in saved["rejected"]]
-        return summary
-    if os.path.exists(local_root) and os.listdir(local_root):
-        log.warning("rewriting %s (no matching convert.json: other inputs/settings or an interrupted run)",
-                    local_root)
-        shutil.rmtree(local_root)
-    os.makedirs(local_root, exist_ok=True)
+        saved = _read_json(out, SUMMARY_FILE) or {}
+        return ConvertSummary(written=saved.get("written", {}), rejected=[tuple(r) for r in saved.get("rejected", [])],
+                              caption_columns=saved.get("caption_columns", []),
+                              ignored_columns=saved.get("ignored_columns", []), skipped_existing=True)
+    columns, ignored = choose_caption_columns(inputs, cfg.caption_columns)
+    output = _Output(out, staging)
+    try:
+        output.prepare()
+        summary = _write_buckets(inputs, output, cfg, tuple(columns), workers, image_column)
+        summary.caption_columns, summary.ignored_columns = columns, ignored
+        manifest = {"buckets": [{"name": n, "height": Bucket.from_name(n).height, "width": Bucket.from_name(n).width,
+                                 "num_samples": c} for n, c in sorted(summary.written.items())],
+                    "caption_columns": columns, "format": cfg.format, "quality": cfg.quality,
+                    "base_resolution": cfg.base_resolution, "patch_size": cfg.patch_size}
+        output.write_json(BUCKETS_FILE, manifest)
+        output.write_json(SUMMARY_FILE, {"written": summary.written, "rejected": summary.rejected,
+                                         "caption_columns": columns, "ignored_columns": ignored})
+        output.write_json(MARKER_FILE, marker)  # last: the dataset is complete
+    finally:
+        output.close()
+    for name, reason in summary.rejected:
+        log.warning("rejected %s: %s", name, reason)
+    return summary
 
-    columns = tuple(cfg.caption_columns or scan_caption_columns(inputs))
-    if not columns:
-        raise ValueError(f"no caption columns found in {inputs}: add .txt/.json side-cars or string columns, "
-                         "or name them with --caption-columns")
-    mds_columns = {"image": "bytes", "width": "int", "height": "int", "source": "str", **{c: "str" for c in columns}}
+
+def _write_buckets(inputs: list[str], output: _Output, cfg: ConvertConfig, columns: tuple[str, ...], workers: int,
+                   image_column: str | None) -> ConvertSummary:
+    mds_columns = {**{c: "str" for c in columns}, "image": "bytes", "width": "int", "height": "int",
+                   "source": "str"}
     summary = ConvertSummary()
     writers: dict[str, Any] = {}
     pool = None
@@ -415,8 +648,7 @@ def convert(inputs: list[str], out: str, cfg: ConvertConfig = ConvertConfig(), w
                 summary.rejected.append((name, row))
                 continue
             if bucket_name not in writers:
-                writers[bucket_name] = MDSWriter(out=os.path.join(local_root, bucket_name), columns=mds_columns,
-                                                 size_limit=cfg.shard_size)
+                writers[bucket_name] = output.writer(bucket_name, mds_columns, cfg.shard_size)
             writers[bucket_name].write(row)
             summary.written[bucket_name] = summary.written.get(bucket_name, 0) + 1
     finally:
@@ -425,51 +657,36 @@ def convert(inputs: list[str], out: str, cfg: ConvertConfig = ConvertConfig(), w
         if pool is not None:
             pool.close()
             pool.join()
-    caption_columns = columns
-    summary.caption_columns = sorted(caption_columns)
-    manifest = {"buckets": [{"name": n, "height": Bucket.from_name(n).height, "width": Bucket.from_name(n).width,
-                             "num_samples": c} for n, c in sorted(summary.written.items())],
-                "caption_columns": summary.caption_columns, "format": cfg.format, "quality": cfg.quality,
-                "base_resolution": cfg.base_resolution, "patch_size": cfg.patch_size}
-    with open(os.path.join(local_root, "buckets.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    with open(os.path.join(local_root, "convert_summary.json"), "w") as f:
-        json.dump({"written": summary.written, "rejected": summary.rejected,
-                   "caption_columns": summary.caption_columns}, f, indent=1)
-    with open(os.path.join(local_root, "convert.json"), "w") as f:
-        json.dump(marker, f, indent=1)
-    if remote is not None:
-        _upload_tree(local_root, remote)
-    for name, reason in summary.rejected:
-        log.warning("rejected %s: %s", name, reason)
     return summary
 
 
 def main(argv: list[str] | None = None) -> ConvertSummary:
     parser = argparse.ArgumentParser(prog="python -m composer_prx.data.convert", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="folders of images + side-car captions, .tar, .parquet")
-    parser.add_argument("--out", required=True, help="output root: local folder or s3:// gs:// ... URL")
+    parser.add_argument("--out", required=True,
+                        help="output root: a new/empty local folder, an earlier output, or an s3:// gs:// ... URL")
     parser.add_argument("--base-resolution", type=int, default=1024)
     parser.add_argument("--patch-size", type=int, default=32)
     parser.add_argument("--max-ratio", type=float, default=2.0, help="bucket aspect ratios 1:r ... r:1")
     parser.add_argument("--format", choices=sorted(FORMATS), default="jpeg")
     parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality of the stored bytes")
     parser.add_argument("--caption-columns", nargs="+", default=None,
-                        help="caption columns to keep (default: every string column / side-car field)")
+                        help="caption columns to keep (default: caption, prompt, text, description, *_caption ...)")
     parser.add_argument("--image-column", default=None, help="parquet image column (default: auto-detect)")
     parser.add_argument("--min-side", type=int, default=0, help="reject images with a shorter side below this")
+    parser.add_argument("--background", type=int, nargs=3, default=list(BACKGROUND),
+                        help="RGB colour transparent pixels are composited on (default: white)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    parser.add_argument("--staging", default=None, help="local folder to build a remote output in")
+    parser.add_argument("--staging", default=None, help="local folder to stream a remote output through")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = ConvertConfig(base_resolution=args.base_resolution, patch_size=args.patch_size, max_ratio=args.max_ratio,
                         format=args.format, quality=args.quality, min_side=args.min_side,
+                        background=tuple(args.background),
                         caption_columns=tuple(args.caption_columns) if args.caption_columns else None)
     summary = convert(args.inputs, args.out, cfg, workers=args.workers, image_column=args.image_column,
                       staging=args.staging)
-    if summary.skipped_existing:
-        print(f"{args.out} is up to date (same inputs and settings): nothing written")
-    print(summary.report())
+    print(f"{args.out}: {summary.report()}")
     return summary
 
 

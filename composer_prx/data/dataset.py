@@ -1,47 +1,62 @@
 """Image–caption MDS streaming: one stream per aspect-ratio bucket, every batch from one bucket.
 
-    dataset root (local path or s3:// gs:// ...)          per sample                     per batch
-    ├── buckets.json   (written by data.convert)          image bytes -> PIL -> resize   {"image": [B,3,H,W] in [-1,1],
-    ├── h512_w512/ index.json shard.*.mds                   to the bucket at the current    "caption": list[str],
-    └── h384_w704/ ...                                      resolution -> [3,H,W]           "corrupt_replaced": [B] bool,
-    (or a single MDS folder with index.json at the top)     caption column by weight        + "text_emb" [B,T,C],
-                                                                                              "text_mask" [B,T] bool}
+    dataset root (local path or s3:// gs:// ...)      per sample (worker)              per batch (main process)
+    ├── buckets.json   (written by data.convert)      image bytes -> bucket at the      {"image": [B,3,H,W] in [-1,1],
+    ├── h512_w512/ index.json shard.*.mds               current resolution -> resize     "caption": list[str],
+    └── h384_w704/ ...                                  to cover + centre crop           "corrupt_replaced": [B] bool,
+    (or a single MDS folder with index.json at the top) (data/imaging.py) -> uint8       + "text_emb" [B,T,C],
+                                                        [3,H,W]; caption column by weight  "text_mask" [B,T] bool}
 
 Epoch plan (batching method ``prx_buckets``, registered with mosaicml-streaming):
 each bucket's samples are ordered by streaming's shard-local shuffle (seed, epoch; independent of the
 world size), cut into global batches of ``batch_size * world_size`` samples, and the batches of all
 buckets are interleaved by a seeded permutation. A bucket's last batch may be smaller: its samples are
 spread evenly over the ranks, so every sample is seen exactly once per epoch and nothing is dropped
-(a tail smaller than the world size borrows from the batch before it; a bucket with fewer samples than
-ranks repeats some, with a warning). Resumption: Composer saves ``state_dict(samples_seen_in_epoch)``;
-the plan is rebuilt and continues after the last completed global batch.
+(a tail smaller than the world size borrows from the batch before it). Repeats happen only where a bucket
+tail cannot feed every rank: with ``batch_size=1``, each bucket whose size is not a multiple of the
+world size repeats (-size mod world) samples; with larger batches, only a bucket with fewer samples
+than ranks does (warning, naming the bucket). Every rank yields the same number of batches, one bucket
+per step. The order depends on (seed, epoch) only, not on the world size or node count.
+Resumption: Composer saves ``state_dict(samples_seen_in_epoch)``; the plan is rebuilt and continues
+after the last completed global batch; a checkpoint at an epoch boundary (0 samples) continues with
+the next epoch.
 
-Corrupt samples (undecodable image, no caption): the sample is replaced by the next decodable sample of
-the same bucket (sample id + 1, + 2, ... wrapping inside the bucket), so batches keep their size and
-bucket; each replacement is logged with the sample id and shard, counted in ``dataset.num_corrupt``
-(per process) and flagged in the batch as ``corrupt_replaced`` so a callback can count it across workers
-and ranks. The replacement is seen twice in that epoch; the corrupt sample never.
+Corrupt samples (undecodable image, no caption): the slot is filled by the nearest decodable sample
+after it in the same bucket (sample id + 1, + 2, ... wrapping inside the bucket), so batches keep their
+size and bucket; that neighbour is then seen once more. Each replaced slot is flagged in the batch as
+``corrupt_replaced`` (exactly one flag per unreadable sample in the plan), logged once per process
+with the sample id and shard, and ``CorruptSampleCounter`` sums the flags over workers and ranks and
+logs ``data/corrupt_replaced`` to Composer's loggers at every epoch end. ``dataset.num_corrupt`` is the
+same count for this process only (0 in the main process when DataLoader workers decode).
+
+Images cross the DataLoader worker boundary as uint8 and are normalised to float in [-1, 1] by the
+loader in the main process (``image_dtype="uint8"`` leaves that to the model, on the device).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
 from streaming import Stream, StreamingDataset
 from streaming.base.batching import batching_methods
 from streaming.base.shuffle import get_shuffle
 from streaming.base.world import World
 from torch.utils.data import DataLoader
 
-from composer_prx.data.buckets import nearest_bucket
+from composer_prx.data.buckets import Bucket, nearest_bucket
+from composer_prx.data.columns import caption_columns_of, check_requested
+from composer_prx.data.convert import IN_PROGRESS
+from composer_prx.data.imaging import load_for_bucket
 
 log = logging.getLogger(__name__)
 
@@ -143,63 +158,71 @@ batching_methods[BATCHING_METHOD] = _generate_bucket_work
 # ---------------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------------
-def _normalise_caption_columns(caption_columns: str | list[str] | dict[str, float] | None) -> dict[str, float]:
-    if caption_columns is None:
-        return {"caption": 1.0}
+def _normalise_caption_columns(caption_columns: str | list[str] | dict[str, float]) -> dict[str, float]:
     if isinstance(caption_columns, str):
         return {caption_columns: 1.0}
     columns = dict(caption_columns) if isinstance(caption_columns, dict) else {c: 1.0 for c in caption_columns}
     if not columns or any(w < 0 for w in columns.values()) or sum(columns.values()) <= 0:
         raise ValueError(f"caption_columns needs non-negative weights with a positive sum, got {columns}")
+    check_requested(list(columns))
     return columns
 
 
-def decode_image(data: Any) -> "Image.Image":  # noqa: F821 - PIL imported lazily
-    """Encoded bytes (or an already decoded PIL image) -> RGB PIL image; CorruptSampleError if undecodable."""
+def decode_image(data: Any, choose_bucket: Callable[[int, int], Bucket] | None = None
+                 ) -> tuple["Image.Image", tuple[int, int]]:  # noqa: F821
+    """Encoded bytes -> (RGB PIL image of its bucket's size, displayed (width, height) as stored).
+
+    ``choose_bucket(height, width)`` (default: the image's own size) picks the size to cover + crop to.
+    EXIF orientation and alpha as in the converter (data/imaging.py); CorruptSampleError if undecodable.
+    """
+    if choose_bucket is None:
+        choose_bucket = Bucket
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(data, Image.Image):
-        return data.convert("RGB")
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
         raise CorruptSampleError(f"image column holds {type(data).__name__} of length "
                                  f"{len(data) if hasattr(data, '__len__') else '?'}, not encoded image bytes")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        image, _, stored_size = load_for_bucket(bytes(data), choose_bucket)
+    except Image.DecompressionBombError as exc:
+        raise CorruptSampleError(f"image too large ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise CorruptSampleError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
-    return image.convert("RGB")
+    return image, stored_size
 
 
-def image_to_tensor(image: "Image.Image", height: int, width: int) -> torch.Tensor:  # noqa: F821
-    """PIL RGB -> float [3, height, width] in [-1, 1], resized (antialiased bicubic) when needed."""
-    from PIL import Image
-
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
+def image_to_uint8(image: "Image.Image") -> torch.Tensor:  # noqa: F821
+    """PIL RGB -> uint8 [3, H, W] (what crosses the worker boundary: a quarter of float32's bytes)."""
     planes = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # [3, H, W] view
-    scaled = planes.astype(np.float32, order="C")  # single-threaded numpy: no torch thread contention
-    scaled *= 1.0 / 127.5
-    scaled -= 1.0
-    return torch.from_numpy(scaled)
+    return torch.from_numpy(np.ascontiguousarray(planes))
+
+
+def normalise_image(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] in [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1); the one place of this constant."""
+    if image.dtype != torch.uint8:
+        raise TypeError(f"normalise_image expects uint8 pixels, got {image.dtype}")
+    return image.to(torch.float32).div_(127.5).sub_(1.0)
 
 
 class ImageCaptionDataset(StreamingDataset):
     """StreamingDataset over image–caption MDS buckets; samples resized to ``resolution`` on the patch grid.
 
-    Each sample -> {"image": float [3, H, W] in [-1, 1], "caption": str, "corrupt_replaced": bool,
-    optionally "text_emb" [T, C] float and "text_mask" [T] bool}, where (H, W) is the bucket of the
-    stored image's aspect ratio at ``resolution`` (``buckets.nearest_bucket``) and the caption column is
-    drawn by ``caption_columns`` weights from an rng seeded by (seed, epoch, sample id).
-    Precomputed embeddings are read from columns ``<caption column>_emb`` / ``<caption column>_mask``.
+    Each sample -> {"image": uint8 [3, H, W], "caption": str, "corrupt_replaced": bool, optionally
+    "text_emb" [T, C] float and "text_mask" [T] bool}, where (H, W) is the bucket of the stored
+    image's aspect ratio at ``resolution`` (``buckets.nearest_bucket``), reached by scaling to cover
+    and centre-cropping (aspect ratio kept), and the caption column is drawn by ``caption_columns``
+    weights from an rng seeded by (seed, epoch, sample id). Precomputed embeddings are read from
+    columns ``<caption column>_emb`` / ``<caption column>_mask``. ``collate_samples`` + the loader
+    turn the pixels into float in [-1, 1].
 
     ``resolution`` may be changed between epochs (``set_resolution``); with persistent DataLoader
     workers, rebuild the loader instead (workers hold their own copy).
     """
 
     def __init__(self, *, streams: list[Stream], bucket_names: list[str], batch_size: int, resolution: int,
-                 patch_size: int, shuffle: bool = True, seed: int = 17,
-                 caption_columns: str | list[str] | dict[str, float] | None = None, max_ratio: float = 2.0,
+                 patch_size: int, caption_columns: str | list[str] | dict[str, float] | None = None,
+                 shuffle: bool = True,
+                 seed: int = 17, max_ratio: float = 2.0,
                  predownload: int | None = None, cache_limit: int | str | None = None,
                  shuffle_algo: str = "py1e", shuffle_block_size: int | None = None) -> None:
         if batch_size < 1:
@@ -211,13 +234,33 @@ class ImageCaptionDataset(StreamingDataset):
                          predownload=predownload, cache_limit=cache_limit, batching_method="per_stream")
         self.batching_method = BATCHING_METHOD  # registered above; streaming validates only its own names
         self.bucket_names = list(bucket_names)
-        self.caption_columns = _normalise_caption_columns(caption_columns)
+        self.caption_columns = self._resolve_caption_columns(caption_columns)
         self.max_ratio = max_ratio
         self.patch_size = patch_size
         self.set_resolution(resolution)
         self.num_corrupt = 0
+        self._known_corrupt: set[int] = set()
         self._epoch = 0
         self._worker_plan = np.empty(0, dtype=np.int64)
+        self._thread_error: BaseException | None = None
+
+    def _resolve_caption_columns(self, caption_columns: str | list[str] | dict[str, float] | None
+                                 ) -> dict[str, float]:
+        """The requested columns (checked against the shards), or data/columns.py's rule over them."""
+        strings = sorted({name for shard in self.shards
+                          for name, encoding in zip(shard.column_names, shard.column_encodings) if encoding == "str"})
+        if caption_columns is None:
+            by_rule = caption_columns_of(strings)
+            if not by_rule:
+                raise ValueError(f"no caption column among the string columns {strings} of the dataset; "
+                                 "pass caption_columns")
+            return _normalise_caption_columns(by_rule)
+        columns = _normalise_caption_columns(caption_columns)
+        missing = [c for c in columns if c not in strings]
+        if missing:
+            raise ValueError(f"caption columns {missing} are not string columns of the dataset (string columns: "
+                             f"{strings}); pass caption_columns from {caption_columns_of(strings) or strings}")
+        return columns
 
     def set_resolution(self, resolution: int) -> None:
         """Resize target for the next iterator: buckets of the table at (resolution, patch_size)."""
@@ -242,30 +285,65 @@ class ImageCaptionDataset(StreamingDataset):
         self._worker_plan = super()._get_work(epoch, sample_in_epoch)
         return self._worker_plan
 
+    def on_exception(self, future: Future) -> None:
+        """Remember why a download/ready thread failed, so the iterator can raise that cause."""
+        if future.exception() is not None:
+            self._thread_error = future.exception()
+        super().on_exception(future)
+
+    def _background_failure(self, cause: BaseException | None = None) -> RuntimeError:
+        error = self._thread_error
+        if error is None:
+            return RuntimeError("the streaming iterator ended before this worker's epoch plan was complete"
+                                + (f" ({type(cause).__name__}: {cause})" if cause else ""))
+        failed = RuntimeError(f"streaming's download thread failed: {type(error).__name__}: {error}; check the "
+                              "remote path and credentials, or raise download_retry / download_timeout")
+        failed.__cause__ = error
+        return failed
+
     def __iter__(self) -> Iterator[dict[str, Any] | _Pad]:
         """Samples of this worker in plan order; empty slots of a short batch become PAD markers."""
+        self._thread_error = None
         inner = super().__iter__()
-        first = next(inner, None)  # runs the epoch set-up, which stores this worker's plan
-        if first is None:
-            return
+        try:
+            first = next(inner, None)  # runs the epoch set-up, which stores this worker's plan
+        except RuntimeError as exc:
+            raise self._background_failure(exc) from exc
         plan = self._worker_plan.reshape(-1, self.batch_size)
+        if first is None:
+            if (plan >= 0).any():
+                raise self._background_failure()
+            return
         pending = [first]
         for row in plan:
             real = int((row >= 0).sum())
             if real == 0:
                 continue  # padding row at the end of a worker's share: no batch at all
-            for _ in range(real - len(pending)):
-                pending.append(next(inner))
+            try:
+                for _ in range(real - len(pending)):
+                    pending.append(next(inner))
+            except StopIteration:
+                raise self._background_failure() from None
+            except RuntimeError as exc:
+                if self._thread_error is None:
+                    raise
+                raise self._background_failure(exc) from exc
             yield from pending
             pending = []
             yield from [PAD] * (self.batch_size - real)
 
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
-        """Resumption state; ``num_samples`` counts real samples seen this epoch (Composer passes that)."""
+        """Resumption state; ``num_samples`` counts real samples seen this epoch (Composer passes that).
+
+        ``num_samples == 0`` is an epoch boundary (Composer checkpoints there after the epoch ends):
+        the state names the next epoch not yet started, so a resume continues rather than replays.
+        """
         if not from_beginning:
             raise ValueError("ImageCaptionDataset counts samples from the start of the epoch "
                              "(from_beginning=True, as Composer does); a plain DataLoader is expected")
         state = super().state_dict(num_samples, from_beginning)
+        if num_samples == 0:
+            state["epoch"] = max(int(state["epoch"]), self.next_epoch)
         state["global_batch_size"] = self.batch_size * self._parallel_rank_world.num_ranks
         return state
 
@@ -286,20 +364,24 @@ class ImageCaptionDataset(StreamingDataset):
         count = int(self.samples_per_stream[stream_id])
         for step in range(min(count, MAX_CORRUPT_IN_A_ROW)):
             candidate = start + (sample_id - start + step) % count
+            if candidate in self._known_corrupt:
+                continue
             try:
                 sample = self.decode(self.get_item(candidate), candidate)
             except CorruptSampleError as exc:
-                self.num_corrupt += 1
+                self._known_corrupt.add(candidate)
                 log.warning("skipping corrupt sample %d (shard %s of bucket %s): %s", candidate,
                             self.shards[self.spanner[candidate][0]].raw_data.basename,
                             self.bucket_names[stream_id], exc)
                 continue
             sample["corrupt_replaced"] = step > 0
+            self.num_corrupt += step > 0  # one per replaced slot, however long the run of corrupt samples
             return sample
         raise RuntimeError(f"{min(count, MAX_CORRUPT_IN_A_ROW)} consecutive samples from {sample_id} in bucket "
                            f"{self.bucket_names[stream_id]} are corrupt; check the data (see the warnings above)")
 
-    def _choose_caption(self, raw: dict[str, Any], sample_id: int) -> str:
+    def _choose_caption(self, raw: dict[str, Any], sample_id: int) -> tuple[str, str]:
+        """(column, caption text) drawn by the column weights; the other columns are the fallbacks."""
         names = list(self.caption_columns)
         weights = np.array([self.caption_columns[n] for n in names], dtype=np.float64)
         rng = np.random.default_rng([self.shuffle_seed, self._epoch, sample_id])
@@ -309,20 +391,20 @@ class ImageCaptionDataset(StreamingDataset):
             if isinstance(text, str) and text.strip():
                 if name != names[first]:
                     log.debug("sample %d: caption column %r empty, used %r", sample_id, names[first], name)
-                return text
+                return name, text
         raise CorruptSampleError(f"no caption in columns {names}")
+
+    def _bucket_at_resolution(self, height: int, width: int) -> Bucket:
+        return nearest_bucket(height, width, self.resolution, self.patch_size, self.max_ratio)
 
     def decode(self, raw: dict[str, Any], sample_id: int) -> dict[str, Any]:
         """Raw MDS columns -> training sample (see class docstring); CorruptSampleError if unusable."""
-        caption = self._choose_caption(raw, sample_id)
-        image = decode_image(raw.get("image"))
-        width, height = image.size
-        if raw.get("width") not in (None, width) or raw.get("height") not in (None, height):
-            raise CorruptSampleError(f"image is {width}x{height} but the sample records "
-                                     f"{raw.get('width')}x{raw.get('height')}")
-        bucket = nearest_bucket(height, width, self.resolution, self.patch_size, self.max_ratio)
-        sample: dict[str, Any] = {"image": image_to_tensor(image, bucket.height, bucket.width), "caption": caption}
-        column = next(n for n in self.caption_columns if raw.get(n) == caption)
+        column, caption = self._choose_caption(raw, sample_id)
+        image, (width, height) = decode_image(raw.get("image"), self._bucket_at_resolution)
+        recorded = (raw.get("width"), raw.get("height"))
+        if None not in recorded and recorded not in ((width, height), (height, width)):
+            raise CorruptSampleError(f"image is {width}x{height} but the sample records {recorded[0]}x{recorded[1]}")
+        sample: dict[str, Any] = {"image": image_to_uint8(image), "caption": caption}
         if f"{column}_emb" in raw:
             emb = torch.from_numpy(np.asarray(raw[f"{column}_emb"], dtype=np.float32).copy())  # [T, C]
             mask = raw.get(f"{column}_mask")
@@ -333,7 +415,10 @@ class ImageCaptionDataset(StreamingDataset):
 
 
 def collate_samples(items: list[dict[str, Any] | _Pad]) -> dict[str, Any]:
-    """Stack samples of one bucket into a batch dict, dropping PAD slots (a bucket's short last batch)."""
+    """Stack samples of one bucket into a batch dict, dropping PAD slots (a bucket's short last batch).
+
+    Runs in the DataLoader worker: "image" stays uint8 [B, 3, H, W] here (see ``ImageCaptionLoader``).
+    """
     samples = [s for s in items if not isinstance(s, _Pad)]
     if not samples:
         raise ValueError("a batch with no samples reached collate; the epoch plan guarantees >= 1 per rank")
@@ -356,6 +441,65 @@ def collate_samples(items: list[dict[str, Any] | _Pad]) -> dict[str, Any]:
     return batch
 
 
+class ImageCaptionLoader(DataLoader):
+    """DataLoader whose batches cross the worker boundary with uint8 images, normalised in this process.
+
+    ``image_dtype="float32"`` (default): "image" is float32 in [-1, 1] (``normalise_image``);
+    ``"uint8"``: left as uint8 [B, 3, H, W] for a model that normalises on its device.
+    """
+
+    def __init__(self, *args: Any, image_dtype: str = "float32", **kwargs: Any) -> None:
+        if image_dtype not in ("float32", "uint8"):
+            raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {image_dtype!r}")
+        super().__init__(*args, **kwargs)
+        self.image_dtype = image_dtype
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = super().__iter__()
+        if self.image_dtype == "uint8":
+            yield from batches
+            return
+        for batch in batches:
+            batch["image"] = normalise_image(batch["image"])
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Corrupt-sample count per epoch, over workers and ranks
+# ---------------------------------------------------------------------------------------------------
+class CorruptSampleCounter(Callback):
+    """Logs ``data/corrupt_replaced`` (slots filled by a neighbour, summed over ranks) at every epoch end.
+
+    Reads the batch's ``corrupt_replaced`` flags, so DataLoader workers are counted too. Also logs
+    ``data/corrupt_replaced_fraction`` (of the epoch's samples) and warns when it is not zero.
+    """
+
+    def __init__(self) -> None:
+        self._replaced = 0
+        self._samples = 0
+
+    def epoch_start(self, state: State, logger: Logger) -> None:
+        self._replaced = self._samples = 0
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        flags = state.batch.get("corrupt_replaced") if isinstance(state.batch, dict) else None
+        if flags is not None:
+            self._replaced += int(flags.sum())
+            self._samples += int(flags.numel())
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        from composer.utils import dist
+
+        counts = state.device.tensor_to_device(torch.tensor([self._replaced, self._samples], dtype=torch.int64))
+        dist.all_reduce(counts, reduce_operation="SUM")
+        replaced, samples = (int(v) for v in counts.cpu().tolist())
+        logger.log_metrics({"data/corrupt_replaced": replaced,
+                            "data/corrupt_replaced_fraction": replaced / max(1, samples)})
+        if replaced:
+            log.warning("epoch %d: %d of %d samples were unreadable and replaced by a neighbour in their bucket",
+                        int(state.timestamp.epoch) - 1, replaced, samples)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Discovery and loader
 # ---------------------------------------------------------------------------------------------------
@@ -363,28 +507,46 @@ def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name if "://" in root else os.path.join(root, name)
 
 
-def discover_buckets(remote: str | None, local: str, download_timeout: float = 60.0,
-                     download_retry: int = 2) -> list[str]:
-    """Names of the bucket sub-folders under the dataset root; [""] when the root is one MDS folder.
+def _fetch_manifest(remote: str, local: str, download_timeout: float, download_retry: int) -> None:
+    """Download buckets.json (else index.json) of ``remote`` into ``local``: local rank 0 fetches, others wait."""
+    from composer.utils import dist
 
-    With a remote, ``buckets.json`` (else ``index.json``) is fetched into ``local`` first.
-    """
-    if remote is not None:
-        from composer_prx.data.convert import fetch_file
+    from composer_prx.data.convert import fetch_file
 
+    if dist.get_local_rank() == 0:
         os.makedirs(local, exist_ok=True)
         for name in (BUCKETS_FILE, "index.json"):
             if fetch_file(_join(remote, name), os.path.join(local, name), download_timeout, download_retry + 1):
                 break
-    if os.path.exists(os.path.join(local, BUCKETS_FILE)):
-        with open(os.path.join(local, BUCKETS_FILE)) as f:
-            return [b["name"] for b in json.load(f)["buckets"]]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def discover_buckets(remote: str | None, local: str, download_timeout: float = 60.0,
+                     download_retry: int = 2) -> tuple[list[str], list[str] | None]:
+    """(bucket sub-folder names, recorded caption columns or None); names are [""] when the root is one MDS folder.
+
+    With a remote, ``buckets.json`` (else ``index.json``) is fetched into ``local`` first (once per
+    node, atomically). A conversion in progress or interrupted (buckets.json "status": "in_progress")
+    is refused.
+    """
+    if remote is not None:
+        _fetch_manifest(remote, local, download_timeout, download_retry)
+    manifest_path = os.path.join(local, BUCKETS_FILE)
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("status") == IN_PROGRESS:
+            raise RuntimeError(f"the dataset at {remote or local} is being written by composer_prx.data.convert, "
+                               "or that conversion was interrupted (buckets.json says in_progress); wait for it "
+                               "to finish or re-run the same convert command")
+        return [b["name"] for b in manifest["buckets"]], manifest.get("caption_columns")
     if os.path.exists(os.path.join(local, "index.json")):
-        return [""]
+        return [""], None
     if remote is None and os.path.isdir(local):
         names = sorted(d for d in os.listdir(local) if os.path.exists(os.path.join(local, d, "index.json")))
         if names:
-            return names
+            return names, None
     where = f"remote {remote!r}" if remote else f"local {local!r}"
     raise FileNotFoundError(f"no MDS dataset at {where}: expected {BUCKETS_FILE}, index.json, or bucket folders "
                             "with index.json; create one with python -m composer_prx.data.convert "
@@ -398,16 +560,16 @@ def build_dataset(remote: str | None, local: str, batch_size: int, resolution: i
                   predownload: int | None = None, cache_limit: int | str | None = None) -> ImageCaptionDataset:
     """The ``ImageCaptionDataset`` behind ``build_dataloader`` (same arguments)."""
     local = os.fspath(local)
-    names = discover_buckets(remote, local, download_timeout, download_retry)
-    manifest_path = os.path.join(local, BUCKETS_FILE)
-    if caption_columns is None and os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            listed = json.load(f).get("caption_columns") or ["caption"]
-        caption_columns = "caption" if "caption" in listed else listed  # else: all columns, equal weights
+    names, recorded = discover_buckets(remote, local, download_timeout, download_retry)
+    if download_retry < 0:
+        raise ValueError(f"download_retry must be >= 0 (re-attempts after a failed download), got {download_retry}")
     streams = [Stream(remote=None if remote is None else (_join(remote, n) if n else remote),
                       local=os.path.join(local, n) if n else local,
-                      download_retry=download_retry, download_timeout=download_timeout)
+                      # streaming uses this number as the total attempts: one more than the re-attempts
+                      download_retry=download_retry + 1, download_timeout=download_timeout)
                for n in names]
+    if caption_columns is None:
+        caption_columns = recorded  # None: the dataset applies data/columns.py's rule to the shards
     return ImageCaptionDataset(streams=streams, bucket_names=[n or os.path.basename(local.rstrip("/")) for n in names],
                                batch_size=batch_size, resolution=resolution, patch_size=patch_size,
                                shuffle=shuffle, seed=seed, caption_columns=caption_columns,
@@ -420,15 +582,16 @@ def build_dataloader(remote: str | None, local: str, batch_size: int, resolution
                      max_ratio: float = 2.0, download_retry: int = 2, download_timeout: float = 60.0,
                      predownload: int | None = None, cache_limit: int | str | None = None,
                      persistent_workers: bool = False, pin_memory: bool = False,
-                     prefetch_factor: int | None = None) -> DataLoader:
+                     prefetch_factor: int | None = None, image_dtype: str = "float32") -> ImageCaptionLoader:
     """Per-device DataLoader of image–caption batches from MDS buckets (local path or s3:// / gs:// ...).
 
     remote: dataset root in object storage, or None to read ``local`` directly; local: cache / dataset
     root (one MDS folder with index.json, or bucket folders + buckets.json). batch_size: per device.
-    resolution, patch_size: images are resized to their aspect-ratio bucket at ``resolution`` on the
-    ``patch_size`` grid. seed: shuffle order and caption choice. caption_columns: a column name, a list
-    (equal weights) or {column: weight}; default "caption" (or, when buckets.json lists no "caption",
-    all its caption columns with equal weights).
+    resolution, patch_size: images are scaled to cover their aspect-ratio bucket at ``resolution`` on the
+    ``patch_size`` grid and centre-cropped to it. seed: shuffle order and caption choice.
+    caption_columns: a column name, a list (equal weights) or {column: weight}; default: the columns
+    the converter recorded in buckets.json (equal weights), else data/columns.py's rule over the
+    folder's string columns. image_dtype: "float32" (in [-1, 1]) or "uint8" (normalise on the device).
 
     Batches: {"image": float [B, 3, H, W] in [-1, 1], "caption": list[str], "corrupt_replaced": bool [B]}
     (+ "text_emb" [B, T, C], "text_mask" [B, T] bool when the shards carry embeddings). B is
@@ -440,5 +603,5 @@ def build_dataloader(remote: str | None, local: str, batch_size: int, resolution
                             download_timeout=download_timeout, predownload=predownload, cache_limit=cache_limit)
     extra = {} if num_workers == 0 else {"persistent_workers": persistent_workers,
                                          "prefetch_factor": prefetch_factor or 2}
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, **extra)
+    return ImageCaptionLoader(dataset, batch_size=batch_size, collate_fn=collate_samples, num_workers=num_workers,
+                              pin_memory=pin_memory, drop_last=False, image_dtype=image_dtype, **extra)

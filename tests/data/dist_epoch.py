@@ -1,6 +1,6 @@
-"""Run under `composer -n 2`: one full epoch and one interrupted+resumed epoch; writes what each rank saw.
+"""Run under `composer -n RANKS`: one full epoch and one interrupted+resumed epoch; writes what each rank saw.
 
-usage: composer -n 2 tests/data/dist_epoch.py DATASET_DIR OUT_DIR
+usage: composer -n RANKS tests/data/dist_epoch.py DATASET_DIR OUT_DIR BATCH_SIZE
 """
 
 import json
@@ -14,10 +14,10 @@ from composer.utils import dist
 from composer_prx.data.dataset import build_dataloader
 
 
-def main(data: str, out: str) -> None:
+def main(data: str, out: str, batch_size: int) -> None:
     dist.initialize_dist(DeviceCPU())
     rank = dist.get_global_rank()
-    kwargs = dict(batch_size=4, resolution=32, patch_size=4, seed=5)
+    kwargs = dict(batch_size=batch_size, resolution=32, patch_size=4, seed=5)
     loader = build_dataloader(None, data, **kwargs)
     full = [{"caption": b["caption"], "shape": list(b["image"].shape[2:])} for b in loader]
 
@@ -36,4 +36,4 @@ def main(data: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

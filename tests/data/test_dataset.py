@@ -2,6 +2,7 @@
 
 import collections
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -139,32 +140,43 @@ def test_missing_dataset_error_names_the_fix(tmp_path):
         build_dataloader(None, str(tmp_path / "nothing"), batch_size=2, resolution=32, patch_size=4)
 
 
-def test_two_ranks_cover_the_epoch_once_and_resume_exactly(tmp_path):
+# awkward bucket sizes: tails of 1 and 2, a bucket smaller than one global batch, one of fewer samples than ranks
+AWKWARD = {(32, 32): 23, (24, 40): 11, (40, 24): 3, (36, 28): 2}
+
+
+@pytest.mark.parametrize("ranks,batch_size", [(2, 4), (3, 1)])
+def test_every_rank_yields_the_same_batches_and_the_epoch_once(tmp_path, ranks, batch_size):
     import json
-    import os
     import subprocess
 
     from composer_prx.bench.common import composer_launch
 
-    expected = write_buckets(tmp_path / "ds", SIZES)
+    expected = write_buckets(tmp_path / "ds", AWKWARD)
     out = tmp_path / "out"
     out.mkdir()
     script = os.path.join(os.path.dirname(__file__), "dist_epoch.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([*composer_launch(2, "--stdout", str(out / "log{rank}.txt"), "--stderr",
-                             str(out / "err{rank}.txt"), script, str(tmp_path / "ds"), str(out))],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*composer_launch(ranks, "--stdout", str(out / "log{rank}.txt"), "--stderr",
+                             str(out / "err{rank}.txt"), script, str(tmp_path / "ds"), str(out),
+                             str(batch_size))], env=env, capture_output=True, text=True, timeout=600)
     logs = "".join((out / f).read_text() for f in os.listdir(out) if f.endswith(".txt"))
     assert result.returncode == 0, result.stderr[-3000:] + logs[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert len(ranks[0]["full"]) == len(ranks[1]["full"]) == ranks[0]["len"]  # same number of steps
-    for step0, step1 in zip(ranks[0]["full"], ranks[1]["full"]):
-        assert step0["shape"] == step1["shape"]  # both ranks train on the same bucket at each step
-    seen = [c for r in ranks for b in r["full"] for c in b["caption"]]
-    assert sorted(seen) == sorted(expected)
-    resumed = [c for r in ranks for part in ("before", "after") for b in r[part] for c in b]
-    assert sorted(resumed) == sorted(expected)
-    assert len(ranks[0]["after"]) == len(ranks[1]["after"])
+    per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+    assert len({len(r["full"]) for r in per_rank}) == 1 and len(per_rank[0]["full"]) == per_rank[0]["len"]
+    for steps in zip(*(r["full"] for r in per_rank)):
+        assert len({tuple(s["shape"]) for s in steps}) == 1  # all ranks train on the same bucket at each step
+    seen = collections.Counter(c for r in per_rank for b in r["full"] for c in b["caption"])
+    assert set(seen) == set(expected)  # every sample at least once
+    # repeats, exactly as documented: batch_size 1 pads each bucket to a multiple of the ranks; larger
+    # batches only pad a bucket with fewer samples than ranks
+    if batch_size == 1:
+        repeats = sum(-n % ranks for n in AWKWARD.values())
+    else:
+        repeats = sum(ranks - n for n in AWKWARD.values() if n < ranks)
+    assert sum(seen.values()) - len(expected) == repeats
+    resumed = collections.Counter(c for r in per_rank for part in ("before", "after") for b in r[part] for c in b)
+    assert set(resumed) == set(expected) and sum(resumed.values()) == sum(seen.values())  # (another epoch)
+    assert len({len(r["after"]) for r in per_rank}) == 1
 
 
 def test_composer_trainer_checkpoint_resumes_mid_epoch(tmp_path):
@@ -202,3 +214,135 @@ def test_composer_trainer_checkpoint_resumes_mid_epoch(tmp_path):
     after = list(second.seen)
     assert 12 <= len(before) <= 16  # 4 batches, one may be a short bucket tail
     assert sorted(before + after) == sorted(expected)
+
+
+# --- issue 11 ---------------------------------------------------------------------------------------
+def _circle_image(height, width, radius):
+    yy, xx = np.mgrid[:height, :width]
+    inside = (yy - height / 2 + 0.5) ** 2 + (xx - width / 2 + 0.5) ** 2 <= radius ** 2
+    pixels = np.full((height, width, 3), 255, np.uint8)
+    pixels[inside] = 0
+    return pixels
+
+
+def test_training_below_the_stored_resolution_keeps_the_aspect_ratio(tmp_path):
+    from streaming import MDSWriter
+
+    from tests.data.conftest import encode
+
+    # stored 56x72 (a 64-base bucket); at resolution 32, patch 8 its nearest bucket is 32x32 (aspect 1.29 -> 1)
+    with MDSWriter(out=str(tmp_path / "ds" / "h56_w72"),
+                   columns={"image": "bytes", "caption": "str", "width": "int", "height": "int"}) as writer:
+        writer.write({"image": encode(_circle_image(56, 72, 20)), "caption": "a circle", "width": 72, "height": 56})
+    batch = next(iter(build_dataloader(None, str(tmp_path / "ds"), batch_size=1, resolution=32, patch_size=8)))
+    assert batch["image"].shape == (1, 3, 32, 32)
+    dark = batch["image"][0, 0] < 0  # [H, W]
+    rows, cols = np.nonzero(dark.numpy())
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(width / height - 1.0) < 0.1, (height, width)  # a circle stays a circle (a stretch gives ~0.78)
+
+
+def test_runs_of_corrupt_samples_count_once_per_slot(tmp_path):
+    corrupt = {3, 4, 5}  # a run of three in the 23-sample bucket
+    write_buckets(tmp_path / "ds", SIZES, corrupt=corrupt)
+    loader = build_dataloader(None, str(tmp_path / "ds"), batch_size=4, resolution=32, patch_size=4, seed=0)
+    batches = list(loader)
+    assert sum(int(b["corrupt_replaced"].sum()) for b in batches) == 3
+    assert loader.dataset.num_corrupt == 3  # not 1 + 2 + 3 = 6
+    seen = collections.Counter(_captions(batches))
+    assert seen["sample-6"] == 4  # the neighbour after the run fills the three slots once more each
+    assert sum(seen.values()) == sum(SIZES.values())
+
+
+def test_corrupt_count_is_logged_per_epoch_over_workers_by_the_trainer(tmp_path):
+    from composer import Trainer
+    from composer.loggers import InMemoryLogger
+    from composer.models import ComposerModel
+
+    from composer_prx.data.dataset import CorruptSampleCounter
+
+    class Tiny(ComposerModel):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, batch):
+            return (batch["image"].mean() * self.weight).reshape(1)
+
+        def loss(self, outputs, batch):
+            return (outputs - 1.0).pow(2).mean()
+
+    write_buckets(tmp_path / "ds", SIZES, corrupt={2, 5, 6, 30})
+    loader = build_dataloader(None, str(tmp_path / "ds"), batch_size=4, resolution=32, patch_size=4, seed=0,
+                              num_workers=2)
+    memory = InMemoryLogger()
+    Trainer(model=Tiny(), train_dataloader=loader, max_duration="2ep", device="cpu", loggers=[memory],
+            callbacks=[CorruptSampleCounter()], progress_bar=False, log_to_console=False).fit()
+    logged = [int(v) for _, v in memory.data["data/corrupt_replaced"]]
+    assert logged == [4, 4]  # once per epoch, counted in the workers
+    assert loader.dataset.num_corrupt == 0  # the main process decoded nothing: the callback is the count
+
+
+def test_images_cross_the_worker_boundary_as_uint8(tmp_path):
+    from composer_prx.data.dataset import collate_samples
+
+    write_buckets(tmp_path / "ds", {(32, 32): 4})
+    loader = build_dataloader(None, str(tmp_path / "ds"), batch_size=2, resolution=32, patch_size=4, shuffle=False)
+    raw = collate_samples([loader.dataset[0], loader.dataset[1]])
+    assert raw["image"].dtype == torch.uint8  # what the worker sends
+    batch = next(iter(loader))
+    assert batch["image"].dtype == torch.float32 and batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert torch.equal(batch["image"], raw["image"].float() / 127.5 - 1)
+    as_uint8 = build_dataloader(None, str(tmp_path / "ds"), batch_size=2, resolution=32, patch_size=4,
+                                shuffle=False, image_dtype="uint8")
+    assert torch.equal(next(iter(as_uint8))["image"], raw["image"])
+
+
+def test_epoch_boundary_checkpoint_resumes_with_the_next_epoch(tmp_path):
+    write_buckets(tmp_path / "ds", SIZES, extra_columns={"short": "str"},
+                  make_extra=lambda i: {"short": f"short-{i}"})
+    kwargs = dict(batch_size=4, resolution=32, patch_size=4, seed=8, caption_columns=["caption", "short"])
+    loader = build_dataloader(None, str(tmp_path / "ds"), **kwargs)
+    first = _captions(list(loader))
+    state = loader.dataset.state_dict(num_samples=0, from_beginning=True)  # what Composer saves at epoch end
+    second = _captions(list(loader))
+    del loader
+    resumed = build_dataloader(None, str(tmp_path / "ds"), **kwargs)
+    resumed.dataset.load_state_dict(state)
+    after = _captions(list(resumed))
+    assert after == second and after != first  # order and caption draws of epoch 1, not a replay of epoch 0
+
+
+def test_fetch_replaces_the_cached_manifest_atomically(tmp_path, monkeypatch):
+    from streaming.base.storage.download import CloudDownloader
+
+    from composer_prx.data.convert import fetch_file
+
+    local = tmp_path / "cache" / "buckets.json"
+    local.parent.mkdir()
+    local.write_text('{"old": true}')
+    seen_during_download = []
+
+    def download(remote, path, timeout):
+        seen_during_download.append(local.exists())  # another rank reading now must find a file
+        with open(path, "w") as f:
+            f.write('{"new": true}')
+
+    monkeypatch.setattr(CloudDownloader, "direct_download", staticmethod(download))
+    assert fetch_file("s3://bucket/buckets.json", str(local))
+    assert seen_during_download == [True] and local.read_text() == '{"new": true}'
+    assert sorted(os.listdir(local.parent)) == ["buckets.json"]  # no partial file left
+
+
+def test_a_failed_download_thread_surfaces_its_cause(tmp_path):
+    import glob
+
+    write_buckets(tmp_path / "remote", {(32, 32): 40})
+    shards = sorted(glob.glob(str(tmp_path / "remote" / "h32_w32" / "shard.*.mds")))
+    assert len(shards) > 2
+    os.remove(shards[1])
+    loader = build_dataloader(str(tmp_path / "remote"), str(tmp_path / "cache"), batch_size=4, resolution=32,
+                              patch_size=4, shuffle=False, download_retry=0)
+    with pytest.raises(RuntimeError, match="download thread failed") as info:
+        list(loader)
+    assert os.path.basename(shards[1]) in str(info.value) and "StopIteration" not in str(info.value)

@@ -1,4 +1,8 @@
-"""Object storage for real: a local S3 server (moto) behind a proxy that fails 20% of requests."""
+"""Object storage for real: a local S3 server (moto) behind a proxy that fails 20% of requests.
+
+The SDK's own retries are off (AWS_MAX_ATTEMPTS=1), so every injected failure reaches the project's
+retries: the converter's uploads and streaming's downloads (download_retry).
+"""
 
 import http.client
 import http.server
@@ -78,7 +82,8 @@ def flaky_s3(monkeypatch):
     server.start()
     host, port = server.get_host_and_port()
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "10"}.items():
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+                       "AWS_RETRY_MODE": "standard"}.items():
         monkeypatch.setenv(key, value)
     boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="prx")
     proxy = FlakyProxy((host, port), failure_rate=0.2)
@@ -91,17 +96,24 @@ def flaky_s3(monkeypatch):
     server.stop()
 
 
-def test_convert_to_s3_and_stream_an_exact_epoch_through_failures(tmp_path, flaky_s3):
+def test_convert_to_s3_and_stream_an_exact_epoch_through_failures(tmp_path, flaky_s3, monkeypatch):
+    import tempfile
+
     _, proxy = flaky_s3
     good, _ = make_folder(tmp_path / "in", n=120)
     cfg = ConvertConfig(base_resolution=64, patch_size=8, format="png", shard_size=1 << 15)  # many shards
-    summary = convert([str(tmp_path / "in")], "s3://prx/data", cfg, staging=str(tmp_path / "staging"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    summary = convert([str(tmp_path / "in")], "s3://prx/data", cfg)
     assert sum(summary.written.values()) == len(good)
+    assert not list((tmp_path / "tmp").iterdir())  # streamed through a temporary folder that is gone
     assert convert([str(tmp_path / "in")], "s3://prx/data", cfg).skipped_existing  # reads the remote marker
 
-    loader = build_dataloader("s3://prx/data", str(tmp_path / "cache"), batch_size=8, resolution=32,
-                              patch_size=8, seed=2, download_retry=4)
-    seen = [c for batch in loader for c in batch["caption"]]
-    assert sorted(seen) == sorted(good)
+    for workers, extra in ((0, {}), (2, {"predownload": 8})):
+        loader = build_dataloader("s3://prx/data", str(tmp_path / f"cache{workers}"), batch_size=8, resolution=32,
+                                  patch_size=8, seed=2, download_retry=6, num_workers=workers, **extra)
+        seen = [c for batch in loader for c in batch["caption"]]
+        assert sorted(seen) == sorted(good), f"workers={workers} {extra}"
+        del loader
     print(f"proxy: {proxy.failures} of {proxy.requests} requests failed")
     assert proxy.failures >= 5 and proxy.failures / proxy.requests > 0.1  # failures really happened

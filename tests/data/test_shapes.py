@@ -110,7 +110,7 @@ def test_write_shapes_mds_is_idempotent_and_holds_only_training_scenes(tmp_path)
         assert all(f"{o.colour} {o.shape}" in sample["caption"] for o in scene.objects)
         from composer_prx.data.dataset import decode_image
 
-        assert S.score(np.asarray(decode_image(sample["image"])), scene)["all"] == 1.0
+        assert S.score(np.asarray(decode_image(sample["image"])[0]), scene)["all"] == 1.0
     prompts = S.load_eval_prompts(root)
     assert {s for _, s in prompts} == set(S.heldout_scenes(1)) | set(S.heldout_scenes(2))
     assert len(S.load_eval_prompts(root, n_objects=1)) == len(S.heldout_scenes(1))
