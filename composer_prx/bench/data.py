@@ -98,8 +98,7 @@ def node_traffic(nodes: int = 2, ranks_per_node: int = 1) -> tuple[list[int], in
     with tempfile.TemporaryDirectory() as root:
         _write_jpeg_bucket(root, 256, 96, shard_size=1 << 16)
         dataset = build_dataset(None, root, batch_size=4, resolution=256, patch_size=32, shuffle=True, seed=0)
-        world = World(num_nodes=nodes, ranks_per_node=ranks_per_node, workers_per_rank=1, node=0,
-                      rank_of_node=0, worker_of_rank=0)
+        world = World(num_nodes=nodes, ranks_per_node=ranks_per_node, workers_per_rank=1, worker=0)
         from composer_prx.data.dataset import _generate_bucket_work
 
         work = _generate_bucket_work(dataset, world, 0, 0)  # [nodes, ranks_per_node, workers, batches, B]
