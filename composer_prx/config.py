@@ -56,6 +56,7 @@ CALLBACKS = {
     "samples": "composer_prx.callbacks.samples:SampleGrid",
     "shapes_eval": "composer_prx.callbacks.quality:ShapesEval",
     "update_rms": "composer_prx.optim.muon:UpdateRMSMonitor",
+    "data_stats": "composer_prx.data.dataset:CorruptSampleCounter",
 }
 LOGGERS = {
     "file": "composer.loggers:FileLogger",

@@ -16,6 +16,7 @@ from composer.utils.parallelism import FSDP2Config
 from composer_prx import config as C
 from composer_prx.callbacks.gloo_mean import GlooGradientMean
 from composer_prx.callbacks.resume import ExactResume
+from composer_prx.data.dataset import CorruptSampleCounter
 from composer_prx.model.dit import PixelDiT
 from composer_prx.model.pipeline import PRXModel
 from composer_prx.model.text import load_text_encoder
@@ -76,6 +77,8 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
     algorithms = [C.resolve("algorithms", n)(**kw) for n, kw in cfg.algorithms.items()]
     callbacks = [C.resolve("callbacks", n)(**kw) for n, kw in cfg.callbacks.items()] + [ExactResume(),
                                                                                    GlooGradientMean()]
+    if "data_stats" not in cfg.callbacks:  # unreadable samples are always counted and logged per epoch
+        callbacks.append(CorruptSampleCounter())
     loggers = [C.resolve("loggers", n)(**kw) for n, kw in cfg.loggers.items()]
     t = cfg.trainer
     if t.compile:

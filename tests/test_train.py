@@ -41,6 +41,7 @@ def test_quickstart_config_trains_checkpoints_samples_and_evaluates(tmp_path, da
                                                              "heldout_1obj.png"}
     shapes_eval = next(cb for cb in trainer.state.callbacks if type(cb).__name__ == "ShapesEval")
     assert set(shapes_eval.results) == {"1obj", "2obj"}
+    assert sum(type(cb).__name__ == "CorruptSampleCounter" for cb in trainer.state.callbacks) == 1  # by default
     assert 0.0 <= shapes_eval.results["1obj"]["colour"] <= 1.0
     # no frozen helper in the checkpoint (contract 5)
     state = torch.load(run / "checkpoints" / "latest-rank0.pt", weights_only=False)["state"]["model"]

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 from composer_prx.data.buckets import Bucket, nearest_bucket
 from composer_prx.data.columns import caption_columns_of, check_requested
 from composer_prx.data.convert import IN_PROGRESS
-from composer_prx.data.imaging import load_for_bucket
+from composer_prx.data.imaging import load_for_bucket, normalise_image
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +195,6 @@ def image_to_uint8(image: "Image.Image") -> torch.Tensor:  # noqa: F821
     """PIL RGB -> uint8 [3, H, W] (what crosses the worker boundary: a quarter of float32's bytes)."""
     planes = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # [3, H, W] view
     return torch.from_numpy(np.ascontiguousarray(planes))
-
-
-def normalise_image(image: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] in [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1); the one place of this constant."""
-    if image.dtype != torch.uint8:
-        raise TypeError(f"normalise_image expects uint8 pixels, got {image.dtype}")
-    return image.to(torch.float32).div_(127.5).sub_(1.0)
 
 
 class ImageCaptionDataset(StreamingDataset):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 from typing import Callable
 
+import torch
+
 from composer_prx.data.buckets import Bucket
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
@@ -82,3 +84,10 @@ def load_for_bucket(data: bytes, choose_bucket: Callable[[int, int], Bucket],
         image.draft("RGB", (need_w, need_h))
     image.load()
     return resize_to_bucket(to_rgb(image, background), bucket), bucket, (width, height)
+
+
+def normalise_image(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] in [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1); the one place of this constant."""
+    if image.dtype != torch.uint8:
+        raise TypeError(f"normalise_image expects uint8 pixels, got {image.dtype}")
+    return image.to(torch.float32).div_(127.5).sub_(1.0)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from composer_prx import flow
+from composer_prx.data.imaging import normalise_image
 from composer_prx.model.text import TextEncoder
 
 GUIDANCE_MODES = ("none", "cfg", "tread")
@@ -138,8 +139,14 @@ class PRXModel(ComposerModel):
         return mask.device.type == "cpu" and bool(mask.all())  # a host tensor: all() costs no device sync
 
     # ---- training -------------------------------------------------------------------------------
-    def forward(self, batch: dict) -> FlowOutput:
+    @staticmethod
+    def images(batch: dict) -> Tensor:
+        """batch["image"] as float in [-1, 1]; uint8 pixels (a loader with image_dtype="uint8") are normalised here, on the device."""
         x = batch["image"]
+        return normalise_image(x) if x.dtype == torch.uint8 else x
+
+    def forward(self, batch: dict) -> FlowOutput:
+        x = self.images(batch)
         if x.dim() != 4:
             raise ValueError(f"batch['image'] must be [B, C, H, W], got shape {tuple(x.shape)}")
         b, device = x.shape[0], x.device
@@ -171,7 +178,7 @@ class PRXModel(ComposerModel):
     # ---- evaluation -----------------------------------------------------------------------------
     def eval_forward(self, batch: dict, outputs=None) -> dict[str, Tensor]:
         """Per-sample v-loss at each fixed t in eval_t_values, with seeded noise (same every eval)."""
-        x = batch["image"]
+        x = self.images(batch)
         b, device = x.shape[0], x.device
         text, mask = self.text_conditioning(batch, device)
         all_real = self._all_real(batch, mask)

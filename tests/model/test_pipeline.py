@@ -168,3 +168,20 @@ def test_an_all_real_text_mask_is_skipped_without_a_device_sync(tiny_model):
     assert not out.text_mask.all() and torch.equal(recorder.masks[-1], out.text_mask)  # dropped prompts masked
     meta_mask = full.to("meta")  # a mask in device memory: reading it would sync, so it is passed on
     assert not PRXModel._all_real({"text_emb": emb, "text_mask": meta_mask}, meta_mask)
+
+
+def test_uint8_images_are_normalised_on_the_model_side(tiny_model):
+    batch = image_batch(n=2)
+    pixels = ((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    as_float = dict(batch, image=pixels.float() / 127.5 - 1)
+    as_uint8 = dict(batch, image=pixels)
+    torch.manual_seed(5)
+    a = tiny_model(as_float)
+    torch.manual_seed(5)
+    b = tiny_model(as_uint8)
+    assert b.x.dtype == torch.float32
+    torch.testing.assert_close(a.x_pred, b.x_pred)
+    tiny_model.eval()
+    first, second = tiny_model.eval_forward(as_float), tiny_model.eval_forward(as_uint8)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key])
