@@ -1,7 +1,7 @@
 """Frozen text encoder: captions -> token embeddings [B, T, C] and a padding mask [B, T].
 
 Loaded by hub id or local path through transformers (T5 / T5Gemma / Gemma / BERT-style). It is a
-frozen helper (DESIGN.md contract 5): never in the optimizer, never in checkpoints, loaded once and
+frozen helper (README, Contracts for your own model, 5): never in the optimizer, never in checkpoints, loaded once and
 shared between everything that asks for the same weights.
 """
 
