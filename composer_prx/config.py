@@ -170,6 +170,7 @@ class ModelSection:
     t_min: float = 0.05
     eval_t_values: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     init_seed: int | None = None
+    init_from: str | None = None  # a diffusers PRXTransformer2DModel folder: start from its weights
 
 
 @dataclass

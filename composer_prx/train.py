@@ -5,6 +5,7 @@ Builds everything from one strict config (composer_prx.config) and runs Composer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
@@ -33,7 +34,12 @@ def build_prx_model(cfg: C.TrainConfig) -> PRXModel:
     """PixelDiT + frozen text encoder -> PRXModel (weights seeded by model.init_seed or seed)."""
     m = cfg.model
     reproducibility.seed_all(m.init_seed if m.init_seed is not None else cfg.seed)
-    denoiser = PixelDiT(m.dit)
+    denoiser = PixelDiT(m.dit) if m.init_from is None else PixelDiT.from_diffusers(m.init_from)
+    if denoiser.cfg != m.dit:  # model.dit must describe the weights it starts from
+        fix = [f"model.dit.{f.name}={getattr(denoiser.cfg, f.name)!r}" for f in dataclasses.fields(denoiser.cfg)
+               if getattr(denoiser.cfg, f.name) != getattr(m.dit, f.name)]
+        raise C.ConfigError(f"model.init_from {m.init_from!r} is a different architecture than model.dit; "
+                            f"set {' '.join(fix)}")
     encoder = None
     if m.text_encoder is not None:
         encoder = load_text_encoder(m.text_encoder.name_or_path, m.text_encoder.max_length,

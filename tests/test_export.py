@@ -211,3 +211,22 @@ def test_export_without_ema(diffusers, tmp_path):
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["model"]
     dit = PixelDiT.from_diffusers(out)
     assert all(torch.equal(v, saved[f"denoiser.{k}"]) for k, v in dit.state_dict().items())
+
+
+def test_train_starts_from_a_diffusers_transformer(diffusers, tmp_path):
+    """model.init_from: the run's denoiser starts with the folder's weights; a model.dit that does not
+    describe them is a config error naming the settings to change."""
+    cfg = tiny_cfg(bottleneck_dim=16, text_dim=64, depth=2, num_heads=2)
+    source = randomised(diffusers.PRXTransformer2DModel(**export.diffusers_config(cfg)), seed=5)
+    source.save_pretrained(str(tmp_path / "prx"))
+    overrides = ["variables.size=16", f"run_dir={tmp_path}/runs",
+                 "model.dit.hidden_dim=32", "model.dit.depth=2", "model.dit.num_heads=2", "model.dit.bottleneck_dim=16",
+                 "model.dit.mlp_ratio=2.5", "model.dit.patch_size=4", "data.train.n_train=16",
+                 "model.text_encoder=null", f"model.init_from={tmp_path / 'prx'}"]
+    config = train.C.load_config(str(ROOT / "yamls" / "quickstart.yaml"), overrides)
+    model = train.build_prx_model(config)
+    expected = export.from_diffusers_state_dict(source.state_dict(), cfg)
+    assert all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in expected.items())
+    wrong = train.C.load_config(str(ROOT / "yamls" / "quickstart.yaml"), overrides + ["model.dit.mlp_ratio=4.0"])
+    with pytest.raises(train.C.ConfigError, match=r"different architecture than model.dit; set model.dit.mlp_ratio=2.5"):
+        train.build_prx_model(wrong)
