@@ -189,3 +189,35 @@ def test_loss_and_grid_helpers():
     assert token_grid(16 * 32, 512, 1024) == (16, 32) and token_grid(24, 16, 24) == (4, 6)
     with pytest.raises(ValueError, match="grid"):
         token_grid(7, 16, 16)
+
+
+def test_fsdp2_two_gloo_ranks_train_repa_with_muon_and_shard_the_projector(tmp_path, teacher_dir):
+    """train.py calls Repa.prepare before building Muon; FSDP2 shards the projector; the teacher stays out."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from composer_prx.bench.common import composer_launch
+
+    quickstart = str(Path(__file__).resolve().parents[2] / "yamls" / "quickstart.yaml")
+    overrides = [
+        f"variables.data_root={tmp_path}/data", "variables.size=16", f"run_dir={tmp_path}/runs", "run_name=r",
+        "model.dit.hidden_dim=32", "model.dit.depth=2", "model.dit.num_heads=2", "model.dit.bottleneck_dim=16",
+        "data.train.n_train=32", "data.global_batch_size=8", "trainer.max_duration=1ba", "trainer.save_interval=1ba",
+        "trainer.progress_bar=false", "callbacks.samples.interval=null", "callbacks.shapes_eval.steps=1",
+        "callbacks.shapes_eval.max_prompts=1", "callbacks.shapes_eval.samples_per_prompt=1", "scheduler.t_warmup=1ba",
+        "trainer.fsdp={}", "optimizer.name=muon", f"algorithms.repa.teacher={teacher_dir}", "algorithms.repa.block=1",
+        "algorithms.repa.hidden=16",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([*composer_launch(2, "-m", "composer_prx.train"), quickstart, *overrides],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    keys = list(FileSystemReader(str(tmp_path / "runs" / "r" / "checkpoints" / "ep0-ba1")).read_metadata()
+                .state_dict_metadata)
+    assert "state.model.repa_projector.net.0.weight" in keys
+    assert any(k.startswith("state.optimizers.") and "repa_projector" in k and k.endswith("exp_avg_sq") for k in keys)
+    assert not any("embeddings" in k or "encoder.layer" in k for k in keys)  # the teacher is never saved
