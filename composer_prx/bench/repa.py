@@ -18,7 +18,7 @@ import time
 import torch
 
 from composer_prx.algorithms.repa import Repa
-from composer_prx.bench.common import REFERENCE, median, reference_batch, reference_model
+from composer_prx.bench.common import REFERENCE, alternate, median, reference_batch, reference_model
 
 TEACHERS = {"vit-s16": "timm:vit_small_patch16_dinov3", "vit-b16": "timm:vit_base_patch16_dinov3"}
 
@@ -68,14 +68,7 @@ def main(argv: list[str]) -> None:
             wall[with_repa].append(time.perf_counter() - wall_0)
             cpu[with_repa].append(time.process_time() - cpu_0)
 
-        step(False)
-        step(True)
-        for clock in (wall, cpu):
-            clock[False].clear()
-            clock[True].clear()
-        for i in range(args.rounds):
-            for with_repa in (False, True) if i % 2 == 0 else (True, False):
-                step(with_repa)
+        alternate(step, args.rounds, (wall, cpu))
         repa.detach()
 
         grid = model.denoiser.cfg.patch_size
