@@ -280,6 +280,8 @@ class Repa(Algorithm):
                   n_tokens: int) -> Tensor:
         """L_repa of block tokens hidden [B, K, C] (keep_idx [B, K] of the N = h w tokens, or None: all) vs images."""
         h, w = token_grid(n_tokens, images.shape[-2], images.shape[-1])
+        if self.teacher is None or self.teacher.device != images.device:  # e.g. the Trainer moved the model
+            self._load_teacher(images.device)
         with torch.no_grad():
             target = self.teacher.encode(images, grid=(h, w)).patch_tokens  # [B, h, w, D]
         self.teacher_forwards += 1
