@@ -143,8 +143,21 @@ def _missing(name: str, why: str) -> TeacherNotFoundError:
     return TeacherNotFoundError(
         f"vision teacher weights {name!r} are not available here ({why}); download them where there is internet "
         f"(e.g. `huggingface-cli download {name}` or `model.save_pretrained(DIR)`) and pass the local folder "
-        "or file instead of the hub id (README, Frozen vision teachers)"
+        "or file instead of the hub id (README, REPA and frozen vision teachers)"
     )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _load_transformers(name: str) -> VisionEncoder:
@@ -152,7 +165,8 @@ def _load_transformers(name: str) -> VisionEncoder:
 
     local = os.path.exists(name)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    attempts = [True] if local or offline else [True, False]  # the local cache first, the hub once at most
+    # the local cache first; the hub only when it answers at once (offline, its client retries for ~a minute)
+    attempts = [True] if local or offline else [True, False]
     last: Exception | None = None
     for local_only in attempts:
         try:
@@ -160,6 +174,8 @@ def _load_transformers(name: str) -> VisionEncoder:
             break
         except (OSError, ValueError) as err:
             last = err
+            if local_only and not local and not offline and not _hub_reachable():
+                raise _missing(name, "not a local path, not in the Hugging Face cache, and the hub is unreachable") from err
     else:
         if not local and offline:
             why = "not a local path, not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
@@ -194,6 +210,8 @@ def _load_timm(name: str, weights: str | None, model_kwargs: dict[str, Any]) -> 
             raise _missing(weights, f"no such file for timm model {model_name}")
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(weights)))
     else:
+        if not _hub_reachable():
+            raise _missing(name, "timm's hub weights and the hub is unreachable; pass weights=FILE (timm or Meta .pth)")
         kwargs["pretrained"] = True
     try:
         net = timm.create_model(model_name, **kwargs)

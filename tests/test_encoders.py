@@ -82,6 +82,11 @@ def test_missing_teacher_is_one_line(monkeypatch, tmp_path):
         load_vision_encoder("facebook/dinov2-does-not-exist")
     message = str(err.value)
     assert "\n" not in message and "facebook/dinov2-does-not-exist" in message and "local folder" in message
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # the hub is unreachable here (tests block the network): no retries
+    with pytest.raises(TeacherNotFoundError, match="unreachable"):
+        load_vision_encoder("facebook/dinov2-does-not-exist")
+    with pytest.raises(TeacherNotFoundError, match="weights=FILE"):
+        load_vision_encoder("timm:vit_small_patch16_dinov3")
     with pytest.raises(TeacherNotFoundError, match="no such file"):
         load_vision_encoder("timm:vit_small_patch16_dinov3", weights=str(tmp_path / "absent.pth"))
     with pytest.raises(ValueError, match="timm has no model"):

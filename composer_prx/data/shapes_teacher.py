@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO)
     metrics = train_shapes_teacher(args.root, size=args.size, patch=args.patch, hidden=args.hidden, depth=args.depth,
                                    seconds=args.seconds, max_steps=args.max_steps, seed=args.seed)
-    print(json.dumps(metrics))
     return metrics
 
 
