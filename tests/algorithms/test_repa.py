@@ -191,6 +191,21 @@ def test_loss_and_grid_helpers():
         token_grid(7, 16, 16)
 
 
+def test_a_repa_run_samples_and_exports_without_its_projector(tmp_path, teacher_dir):
+    from composer_prx import generate, train
+    from composer_prx.export import load_checkpoint_model
+    from tests.test_train import QUICKSTART, tiny_overrides
+
+    train.main([QUICKSTART, *tiny_overrides(tmp_path, tmp_path / "data", "r", "1ba"), "trainer.save_interval=1ba",
+                "callbacks.samples.interval=null", f"algorithms.repa.teacher={teacher_dir}", "algorithms.repa.block=1",
+                "algorithms.repa.hidden=16"])
+    ckpt = tmp_path / "runs" / "r" / "checkpoints" / "latest-rank0.pt"
+    saved = torch.load(ckpt, weights_only=False)["state"]["model"]
+    assert "repa_projector.net.0.weight" in saved and not any("embeddings.patch" in k for k in saved)
+    assert generate.main([str(ckpt), "--prompt", "a red circle", "--steps", "1", "--out", str(tmp_path / "g.png")])
+    assert not hasattr(load_checkpoint_model(ckpt), "repa_projector")  # EMA storage holds it too: dropped
+
+
 def test_fsdp2_two_gloo_ranks_train_repa_with_muon_and_shard_the_projector(tmp_path, teacher_dir):
     """train.py calls Repa.prepare before building Muon; FSDP2 shards the projector; the teacher stays out."""
     import os
