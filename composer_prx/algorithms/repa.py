@@ -185,14 +185,14 @@ class Repa(Algorithm):
         if not isinstance(projector, RepaProjector):
             raise ValueError(
                 "REPA needs model.repa_projector before the optimizer is built, so that it trains from step 0: "
-                "call repa.prepare(model) before creating the optimizer (README, REPA)"
+                "call repa.prepare(model) before creating the optimizer (README, REPA and frozen vision teachers)"
             )
         in_optimizer = {id(p) for opt in state.optimizers for group in opt.param_groups for p in group["params"]}
         missing = [name for name, p in projector.named_parameters() if id(p) not in in_optimizer]
         if missing:
             raise ValueError(
                 f"REPA: model.repa_projector parameters {missing} are not in the optimizer; call repa.prepare(model) "
-                "BEFORE building the optimizer from model.parameters() (README, REPA)"
+                "BEFORE building the optimizer from model.parameters() (README, REPA and frozen vision teachers)"
             )
 
     # ---- events --------------------------------------------------------------------------------
