@@ -14,7 +14,7 @@ setup(
         "numpy>=1.26,<2.2",
         "transformers>=4.56,<5",
         "lpips==0.1.4",
-        "timm>=1.0",
+        "timm>=1.0.20",  # DINOv3 ViTs
         "omegaconf>=2.3",
         "pillow>=10",
         "scipy>=1.10",

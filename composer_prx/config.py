@@ -47,6 +47,7 @@ ALGORITHMS = {
     "ema": "composer.algorithms:EMA",
     "gradient_clipping": "composer.algorithms:GradientClipping",
     "tread": "composer_prx.algorithms.tread:Tread",
+    "repa": "composer_prx.algorithms.repa:Repa",
 }
 CALLBACKS = {
     "speed_monitor": "composer.callbacks:SpeedMonitor",

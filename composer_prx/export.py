@@ -212,7 +212,7 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
     At a checkpoint Composer's EMA swaps its averages into the model, so the model state holds the
     EMA weights and the EMA storage the trained ones when `ema_weights_active`; otherwise the reverse.
     """
-    from composer_prx.generate import load_model
+    from composer_prx.generate import inference_weights, load_model
 
     model = load_model(checkpoint, config)  # the model state as saved
     state = _ema_state(torch.load(checkpoint, map_location="cpu", weights_only=False))
@@ -226,7 +226,7 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
     if bool(state["ema_weights_active"]) != want_ema:  # the wanted set is in the EMA's storage
         stored = state["ema_model"]
         weights = {**stored["named_parameters_dict"], **stored["named_buffers_dict"]}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = model.load_state_dict(inference_weights(weights), strict=False)
         if missing or unexpected:
             raise RuntimeError(f"the EMA storage of {checkpoint} does not match the model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")

@@ -38,6 +38,14 @@ def record_trained_routes(model: PRXModel, cfg: C.TrainConfig) -> None:
             record_routes(model, algorithm(**kwargs).routes)
 
 
+TRAINING_ONLY = ("repa_projector.",)  # heads that train with the model but take no part in sampling
+
+
+def inference_weights(weights: dict) -> dict:
+    """A checkpoint's model weights without the training-only heads (REPA's projector)."""
+    return {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}
+
+
 def load_model(checkpoint: str | Path, config: str | Path | None = None, device: str = "cpu") -> PRXModel:
     """Rebuild PRXModel from the run config and load the checkpoint's model weights."""
     from composer_prx.train import build_model
@@ -53,7 +61,7 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
     record_trained_routes(model, cfg)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     weights = state["state"]["model"] if "state" in state else state
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(inference_weights(weights), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {checkpoint} does not match the config's model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")

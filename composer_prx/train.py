@@ -74,13 +74,16 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
         eval_loader = build_dataloader(cfg, cfg.data.eval, cfg.data.eval_batch_size or cfg.data.global_batch_size,
                                        "eval")
     model = build_model(cfg)
+    algorithms = [C.resolve("algorithms", n)(**kw) for n, kw in cfg.algorithms.items()]
+    for algorithm in algorithms:  # modules an algorithm trains (REPA's projector) exist before the optimizer
+        if callable(getattr(algorithm, "prepare", None)):
+            algorithm.prepare(model)
     opt_name, opt_kwargs = C._split_component(cfg.optimizer, "optimizer")
     optimizer = C.resolve("optimizer", opt_name)(model, **opt_kwargs)
     schedulers = None
     if cfg.scheduler is not None:
         name, kwargs = C._split_component(cfg.scheduler, "scheduler")
         schedulers = C.resolve("scheduler", name)(**kwargs)
-    algorithms = [C.resolve("algorithms", n)(**kw) for n, kw in cfg.algorithms.items()]
     callbacks = [C.resolve("callbacks", n)(**kw) for n, kw in cfg.callbacks.items()] + [ExactResume(),
                                                                                    GlooGradientMean()]
     if "data_stats" not in cfg.callbacks:  # unreadable samples are always counted and logged per epoch

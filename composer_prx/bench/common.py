@@ -75,6 +75,18 @@ def composer_launch(world: int, *args: str) -> list[str]:
             *args]
 
 
+def alternate(step: Callable[[bool], None], rounds: int, clocks: tuple[dict[bool, list[float]], ...]) -> None:
+    """Warm up step(False) and step(True), forget their times in `clocks`, then `rounds` pairs in ABBA order."""
+    step(False)
+    step(True)
+    for clock in clocks:
+        clock[False].clear()
+        clock[True].clear()
+    for i in range(rounds):
+        for flag in (False, True) if i % 2 == 0 else (True, False):
+            step(flag)
+
+
 def bare_step(model: PRXModel, optimizer: torch.optim.Optimizer, batch: dict) -> None:
     """One training step without Composer: forward, flow loss, backward, optimizer step."""
     loss = model.loss(model(batch), batch)

@@ -19,7 +19,7 @@ import time
 import torch
 
 from composer_prx.algorithms.tread import apply_tread
-from composer_prx.bench.common import REFERENCE, bare_step, median, reference_batch, reference_model
+from composer_prx.bench.common import REFERENCE, alternate, bare_step, median, reference_batch, reference_model
 
 
 def main(argv: list[str]) -> None:
@@ -50,14 +50,7 @@ def main(argv: list[str]) -> None:
         wall[routed].append(time.perf_counter() - wall_0)
         cpu[routed].append(time.process_time() - cpu_0)
 
-    step(False)  # warm-up both paths (allocator, AdamW state)
-    step(True)
-    for clock in (wall, cpu):
-        clock[False].clear()
-        clock[True].clear()
-    for i in range(args.rounds):
-        for routed in (False, True) if i % 2 == 0 else (True, False):
-            step(routed)
+    alternate(step, args.rounds, (wall, cpu))
 
     handle.enabled = False
     model(batch)

@@ -1,0 +1,28 @@
+"""The shapes stand-in teacher: targets read the scene; a short run saves a folder REPA's loader opens."""
+
+import numpy as np
+import torch
+
+from composer_prx.data import shapes
+from composer_prx.data.shapes_teacher import COLOUR_NAMES, SHAPE_NAMES, scene_targets, train_shapes_teacher
+from composer_prx.encoders import load_vision_encoder
+
+
+def test_targets_follow_the_scene():
+    scene = shapes.Scene.of(("red", "circle", "top left"), ("blue", "triangle", "bottom right"))
+    colour, shape, cells = scene_targets(scene, shapes.render(scene, 32), patch=4)
+    assert colour.shape == shape.shape == (8, 8) and cells.shape == (9,)
+    assert COLOUR_NAMES[colour[1, 1]] == "red" and COLOUR_NAMES[colour[6, 6]] == "blue"
+    assert COLOUR_NAMES[colour[4, 4]] == "background"
+    assert SHAPE_NAMES[shape[0, 0]] == "circle" and SHAPE_NAMES[shape[7, 7]] == "triangle"
+    assert SHAPE_NAMES[shape[4, 4]] == "none"
+    assert [COLOUR_NAMES[c] for c in cells[[0, 4, 8]]] == ["red", "background", "blue"]
+
+
+def test_a_short_run_saves_a_teacher_the_real_loader_opens(tmp_path):
+    metrics = train_shapes_teacher(str(tmp_path), hidden=32, depth=1, seconds=30, max_steps=2, n_images=16, n_val=16)
+    assert metrics["steps"] == 2 and set(metrics["val_accuracy"]) == {"colour", "shape", "cells"}
+    teacher = load_vision_encoder(str(tmp_path / "teacher"))
+    assert (teacher.patch_size, teacher.dim, teacher.num_prefix_tokens) == (4, 32, 1)
+    out = teacher.encode(torch.zeros(1, 3, 32, 32), grid=(8, 8))
+    assert out.patch_tokens.shape == (1, 8, 8, 32) and np.isfinite(out.patch_tokens.numpy()).all()
