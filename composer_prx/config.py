@@ -47,6 +47,8 @@ ALGORITHMS = {
     "ema": "composer.algorithms:EMA",
     "gradient_clipping": "composer.algorithms:GradientClipping",
     "tread": "composer_prx.algorithms.tread:Tread",
+    "lpips": "composer_prx.algorithms.perceptual:LpipsLoss",
+    "dino_perceptual": "composer_prx.algorithms.perceptual:DinoPerceptualLoss",
 }
 CALLBACKS = {
     "speed_monitor": "composer.callbacks:SpeedMonitor",
