@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHES = ("step", "tread", "muon", "data")
+BENCHES = ("step", "tread", "muon", "data", "perceptual")
 
 
 def main(argv: list[str] | None = None) -> None:
