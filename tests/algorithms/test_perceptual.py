@@ -156,6 +156,9 @@ def test_gradients_reach_the_denoiser_and_never_the_frozen_nets(alex_file, dino_
     (lpips_loss.term(out) + dino_loss.term(out)).backward()
     assert out.x_pred.grad is not None and out.x_pred.grad.abs().sum() > 0
     assert sum(p.grad.abs().sum() for p in model.denoiser.parameters() if p.grad is not None) > 0
+    from composer_prx.encoders import load_vision_encoder
+
+    assert dino_loss.teacher_on(torch.device("cpu")) is load_vision_encoder(dino_dir)  # the object REPA gets
     for net in (lpips_loss.lpips_on(torch.device("cpu")).net, dino_loss.teacher_on(torch.device("cpu")).net):
         assert all(not p.requires_grad and p.grad is None for p in net.parameters())
 
