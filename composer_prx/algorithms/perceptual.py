@@ -312,19 +312,19 @@ def dino_distance(pred_tokens: Tensor, true_tokens: Tensor) -> Tensor:
 class DinoPerceptualLoss(_PerceptualLoss):
     """DINO-feature distance of x_hat and x on the full image: loss += weight * mean_{i in t_range} d_i.
 
-    pooled=True (the recipe's image-level term):   d_i = 1 - cos(g(x_hat_i), g(x_i)),
-        g = the frozen DINOv2's pooled embedding [D] (final-norm CLS token);
-    pooled=False (PRX's P-DINO):  d_i = 1/|P| sum_{p in P} (1 - cos(f_p(x_hat_i), f_p(x_i))),
-        f_p = its patch tokens [h, w, D].
-    weight 0.01 and resolution 224 (shorter side) are PRX's settings.  The teacher comes from
-    `composer_prx.encoders.load_vision_encoder`, so REPA naming the same model shares the same object.
+    pooled=False (default; PixelGen's P-DINO, as PRX runs it):
+        d_i = 1/|P| sum_{p in P} (1 - cos(f_p(x_hat_i), f_p(x_i))),  f_p = the patch tokens [h, w, D] of the
+        frozen DINOv2 on the whole image resized to `resolution` (no crop);
+    pooled=True (image-level alternative):  d_i = 1 - cos(g(x_hat_i), g(x_i)),  g = its pooled CLS token [D].
+    weight 0.01, resolution 224 (shorter side) and ViT-B/14 with registers are PRX's settings.  The teacher
+    comes from `composer_prx.encoders.load_vision_encoder`, so REPA naming the same model shares the object.
     """
 
     name = "dino_perceptual"
 
     def __init__(self, weight: float = 0.01, teacher: str = "facebook/dinov2-with-registers-base",
                  t_range: tuple[float, float] = (0.0, 1.0), resolution: int | float | None = 224,
-                 pooled: bool = True, teacher_weights: str | None = None, teacher_dtype: str = "float32"):
+                 pooled: bool = False, teacher_weights: str | None = None, teacher_dtype: str = "float32"):
         super().__init__(weight, t_range, resolution)
         if not isinstance(teacher, str) or not teacher:
             raise ValueError(f"DinoPerceptualLoss teacher must be a hub id, a local path or 'timm:<model>', "

@@ -7,7 +7,8 @@ prints the measured extra time over the bare step and the extra its FLOPs predic
 
     predicted extra = 3 F_fwd(net, B images at the net's input size) / R
         (forward on x_hat + forward on x + backward to x_hat only, ~ one more forward; no weight grads)
-    R = the bare step's own achieved rate (PRXModel.flops_per_batch / bare step time)
+    R = the bare step's own achieved rate (PRXModel.flops_per_batch / bare step time), and, as a second
+        column, a plain 2048^2 fp32 matmul's rate measured in the same process (a lower bound on time)
 
 goal: measured extra <= 1.1 x predicted.  Use --threads 1 on a shared machine (see bench tread).
 """
@@ -21,7 +22,7 @@ import time
 import torch
 
 from composer_prx.algorithms.perceptual import DinoPerceptualLoss, LpipsLoss, target_size
-from composer_prx.bench.common import REFERENCE, median, reference_batch, reference_model
+from composer_prx.bench.common import REFERENCE, matmul_peak_gflops, median, reference_batch, reference_model
 
 DINO_TEACHER = "timm:vit_base_patch14_reg4_dinov2"
 
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> None:
           f"LPIPS VGG16 at resolution {args.lpips_resolution or 'full'}, DINOv2 ViT-B/14 ({DINO_TEACHER}, random) "
           f"at shorter side {args.dino_resolution}")
     print(f"{'px':>4} {'path':<6} {'step s':>8} {'extra s':>8} {'net GFLOP':>10} {'pred. s':>8} {'meas/pred':>9}"
-          f"   steps (wall s)")
+          f" {'pred@peak s':>11} {'meas/pred@peak':>14}   steps (wall s)")
     for size in args.sizes:
         batch = reference_batch(args.batch, resolution=size)
         models = {name: reference_model(seed=0) for name in ("bare", *losses)}
@@ -90,16 +91,21 @@ def main(argv: list[str]) -> None:
                 step(name)
         bare_s = median(times["bare"])
         rate = models["bare"].flops_per_batch(batch) / bare_s  # FLOP/s the bare step achieves
+        peak = matmul_peak_gflops() * 1e9
         h, w = size, size
         lpips_hw = target_size(h, w, args.lpips_resolution)
         teacher = dino_loss.teacher_on(device)
         net_flops = {"lpips": args.batch * lpips_loss.lpips_on(device).flops(*lpips_hw),
                      "dino": args.batch * teacher.flops(*dino_loss.grid(h, w, teacher.patch_size))}
-        print(f"{size:>4} {'bare':<6} {bare_s:>8.3f} {'':>8} {'':>10} {'':>8} {'':>9}   "
+        print(f"{size:>4} {'bare':<6} {bare_s:>8.3f} {'':>8} {'':>10} {'':>8} {'':>9} {'':>11} {'':>14}   "
               f"{' '.join(f'{s:.2f}' for s in times['bare'])}")
         for name in losses:
             step_s = median(times[name])
-            predicted = 3 * net_flops[name] / rate
-            print(f"{size:>4} {name:<6} {step_s:>8.3f} {step_s - bare_s:>8.3f} {net_flops[name] / 1e9:>10.1f} "
-                  f"{predicted:>8.3f} {(step_s - bare_s) / predicted:>9.3f}   {' '.join(f'{s:.2f}' for s in times[name])}")
-    print("predicted extra = 3 x net forward FLOPs / the bare step's achieved FLOP/s; goal meas/pred <= 1.1")
+            predicted, at_peak = 3 * net_flops[name] / rate, 3 * net_flops[name] / peak
+            extra = step_s - bare_s
+            print(f"{size:>4} {name:<6} {step_s:>8.3f} {extra:>8.3f} {net_flops[name] / 1e9:>10.1f} "
+                  f"{predicted:>8.3f} {extra / predicted:>9.3f} {at_peak:>11.3f} {extra / at_peak:>14.3f}   "
+                  f"{' '.join(f'{s:.2f}' for s in times[name])}")
+        print(f"     bare step {rate / 1e9:.1f} GFLOP/s, plain matmul {peak / 1e9:.1f} GFLOP/s")
+    print("predicted extra = 3 x net forward FLOPs / the bare step's achieved FLOP/s (pred@peak: / the plain "
+          "matmul's); goal meas/pred <= 1.1")

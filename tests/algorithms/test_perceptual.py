@@ -116,6 +116,11 @@ def test_lpips_zero_for_equal_and_monotone_on_blur_and_noise(alex_file):
 def test_dino_zero_for_equal_and_monotone_on_blur_and_noise(dino_dir, pooled):
     loss = DinoPerceptualLoss(teacher=dino_dir, resolution=None, pooled=pooled)
     _assert_zero_and_monotone(lambda a, b: loss.distance(a, b).detach())
+    x, y = _image(seed=0), _image(seed=1)  # the stated definition, from the teacher's own outputs
+    ex, ey = loss.teacher_on(torch.device("cpu")).encode(x), loss.teacher_on(torch.device("cpu")).encode(y)
+    cos = (torch.nn.functional.cosine_similarity(ex.pooled, ey.pooled, dim=-1) if pooled else
+           torch.nn.functional.cosine_similarity(ex.patch_tokens, ey.patch_tokens, dim=-1).flatten(1).mean(1))
+    torch.testing.assert_close(loss.distance(x, y), 1 - cos, atol=1e-5, rtol=1e-4)
 
 
 def test_resolution_and_grid():
