@@ -48,6 +48,8 @@ ALGORITHMS = {
     "gradient_clipping": "composer.algorithms:GradientClipping",
     "tread": "composer_prx.algorithms.tread:Tread",
     "repa": "composer_prx.algorithms.repa:Repa",
+    "lpips": "composer_prx.algorithms.perceptual:LpipsLoss",
+    "dino_perceptual": "composer_prx.algorithms.perceptual:DinoPerceptualLoss",
 }
 CALLBACKS = {
     "speed_monitor": "composer.callbacks:SpeedMonitor",

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHES = ("step", "tread", "muon", "data", "repa")
+BENCHES = ("step", "tread", "muon", "data", "repa", "perceptual")
 
 
 def main(argv: list[str] | None = None) -> None:
