@@ -15,10 +15,15 @@ FIT_START), and logs `stage`. The README section "Stages" shows the YAML.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
+import torch
 from composer.core import Algorithm, Callback, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from torch.utils.data import DataLoader, IterableDataset
@@ -70,6 +75,16 @@ def stage_of(boundaries: list[int], batch: int) -> int:
     return len(boundaries) - 1
 
 
+@contextlib.contextmanager
+def _rng_untouched():
+    """Restore the host RNGs (torch CPU, numpy, random) after the block."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
 class _Position(IterableDataset):
     """The `.dataset` Composer checkpoints: the StagedLoader's position."""
 
@@ -106,6 +121,7 @@ class StagedLoader(DataLoader):
         """The current stage's loader, built on first use (the previous stage's is dropped first)."""
         if self._inner_stage != self.stage:
             self._inner = None
+            gc.collect()  # the previous stage's dataset goes first (a resumed run never had it)
             self._inner = self.builders[self.stage]()
             self._inner_stage = self.stage
             if self._pending_inner is not None:
@@ -144,7 +160,9 @@ class StagedLoader(DataLoader):
             while self.done < self.stage_batches[self.stage]:
                 self.new_pass = not resuming
                 resuming = False
-                for batch in self.inner():
+                with _rng_untouched():  # a new iterator draws its seed from the RNG; a resume restores it later
+                    batches = iter(self.inner())
+                for batch in batches:
                     if skip:
                         skip -= 1
                         continue

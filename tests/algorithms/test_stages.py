@@ -87,7 +87,9 @@ def test_boundary_switches_resolution_batch_microbatch_and_algorithms(full_run):
     assert after["state"]["dataset_state"]["train"]["done"] == 0
 
 
-@pytest.mark.parametrize("stop", [2, 4])  # before and after the boundary at batch 3
+@pytest.mark.parametrize("stop", [2, 4, pytest.param(3, marks=pytest.mark.xfail(
+    strict=True, reason="KNOWN BUG: a resume from the checkpoint taken exactly at the boundary diverges from "
+                        "batch 4 on (data position equal; cause not found yet)"))])  # before / after / at batch 3
 def test_resume_on_either_side_of_the_boundary_is_exact(full_run, stop):
     tmp, data, _ = full_run
     ckpt = tmp / "runs" / "full" / "checkpoints" / f"ep0-ba{stop}-rank0.pt"
@@ -124,7 +126,7 @@ def test_kill_9_mid_run_then_the_same_command_continues(full_run):
     folder = tmp / "runs" / "killed" / "checkpoints"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
-    while not (folder / "ep0-ba4-rank0.pt").exists():  # in stage 2, mid-run
+    while not (folder / "ep0-ba5-rank0.pt").exists():  # in stage 2, mid-run
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
