@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import random
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 log = logging.getLogger(__name__)
 
+_END = object()
 OFF = (None, False, "off")  # `name: off` / `name: null` in a stage's algorithms switches it off
 
 
@@ -160,9 +162,10 @@ class StagedLoader(DataLoader):
             while self.done < self.stage_batches[self.stage]:
                 self.new_pass = not resuming
                 resuming = False
-                with _rng_untouched():  # a new iterator draws its seed from the RNG; a resume restores it later
-                    batches = iter(self.inner())
-                for batch in batches:
+                with _rng_untouched():  # a new pass may draw from the RNG (iterator seed, epoch set-up), which
+                    batches = iter(self.inner())  # a resume restores only after its first batch: draw nothing
+                    first = next(batches, _END)
+                for batch in itertools.chain([] if first is _END else [first], batches):
                     if skip:
                         skip -= 1
                         continue

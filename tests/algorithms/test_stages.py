@@ -21,15 +21,17 @@ STAGES = ("stages=[{name: low, duration: 3ba, device_train_microbatch_size: 4}, 
           "{name: high, duration: 3ba, resolution: 24, global_batch_size: 4, algorithms: {tread: off}}]")
 
 
-def staged(tmp, data, run, *extra):
+EMA = "algorithms.ema={smoothing: {slow: 0.99, fast: 0.9}, update_interval: 1ba}"
+
+
+def staged(tmp, data, run, *extra, ema=EMA):
     return [f"variables.data_root={data}", "variables.size=16", f"run_dir={tmp}/runs", f"run_name={run}",
             "model.dit.hidden_dim=32", "model.dit.depth=4", "model.dit.num_heads=2", "model.dit.bottleneck_dim=16",
             "data.train.n_train=96", "data.train.size=16", "data.global_batch_size=8", "trainer.max_duration=null",
             "trainer.save_interval=1ba", "trainer.save_num_checkpoints_to_keep=-1", "trainer.progress_bar=false",
             "trainer.save_overwrite=false", "callbacks.samples.interval=null", "callbacks.samples.steps=1",
             "callbacks.shapes_eval=null", "scheduler.t_warmup=1ba",
-            "algorithms.ema={smoothing: {slow: 0.99, fast: 0.9}, update_interval: 1ba}",
-            "algorithms.tread={route_start: 1, route_end: -2, ratio: 0.5}", STAGES, *extra]
+            ema, "algorithms.tread={route_start: 1, route_end: -2, ratio: 0.5}", STAGES, *extra]
 
 
 def assert_same(a, b, where=""):
@@ -169,11 +171,11 @@ def test_fsdp2_two_ranks_two_stages_ema_every_10_batches_and_exact_resume(full_r
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     stages = ("stages=[{name: low, duration: 6ba, device_train_microbatch_size: 2}, "
               "{name: high, duration: 6ba, resolution: 24, global_batch_size: 4, algorithms: {tread: off}}]")
-    extra = ["trainer.fsdp={}", "algorithms.ema={smoothing: [0.999, 0.9999], update_interval: 10ba}",
-             "trainer.save_interval=4ba", stages]
+    extra = ["trainer.fsdp={}", "trainer.save_interval=4ba", stages]
+    ema = "algorithms.ema={smoothing: [0.999, 0.9999], update_interval: 10ba}"
 
     def run(name, *more):
-        cmd = [*composer_launch(2, "-m", "composer_prx.train"), QUICKSTART, *staged(tmp, data, name, *extra, *more)]
+        cmd = [*composer_launch(2, "-m", "composer_prx.train"), QUICKSTART, *staged(tmp, data, name, *extra, *more, ema=ema)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout

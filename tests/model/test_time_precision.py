@@ -18,7 +18,9 @@ def test_t_reaches_the_timestep_embedding_in_fp32_under_fsdp2_amp_bf16(monkeypat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    owned = not torch_dist.is_initialized()  # an earlier in-process Trainer may have set up a 1-rank group
+    if owned:
+        torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model = PRXModel(PixelDiT(DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, bottleneck_dim=8,
@@ -44,4 +46,5 @@ def test_t_reaches_the_timestep_embedding_in_fp32_under_fsdp2_amp_bf16(monkeypat
         model.denoiser(x_t, t, text)  # a float t given directly is cast by the policy: what the bits avoid
         assert not torch.equal(seen[0].float(), t)
     finally:
-        torch_dist.destroy_process_group()
+        if owned:
+            torch_dist.destroy_process_group()
