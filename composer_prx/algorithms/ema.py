@@ -22,7 +22,7 @@ import logging
 from typing import Any, Iterator
 
 import torch
-from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core import Algorithm, Callback, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from torch import Tensor, nn
 
@@ -106,6 +106,8 @@ class EMA(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self._bind(state)
+            if not any(isinstance(c, EMAAverages) and c.ema is self for c in state.callbacks):
+                state.callbacks.append(EMAAverages(self))  # holds the averages in the checkpoint (see below)
         elif event == Event.FIT_START:
             self._ensure_storage()
         elif event == Event.BATCH_END and int(state.timestamp.batch) % self.update_interval == 0:
@@ -125,15 +127,25 @@ class EMA(Algorithm):
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "smoothings": dict(self.smoothings), "update_interval": self.update_interval,
+                "updates": self.updates}
+
+    def averages_state(self) -> dict[str, Any]:
+        """{"format", "averages": {name: {param: tensor}}}: DTensor shards (sharded checkpoints) or whole tensors."""
         self._ensure_storage()
         averages = self.averages
         if self._full_state:  # a full-state checkpoint holds whole tensors (every rank takes part)
             averages = {k: {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in v.items()}
                         for k, v in averages.items()}
-        return {"format": FORMAT, "smoothings": dict(self.smoothings), "update_interval": self.update_interval,
-                "updates": self.updates, "averages": averages}
+        return {"format": FORMAT, "averages": averages}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != FORMAT:
+            raise ValueError("this checkpoint's EMA state is not composer_prx's EMA (an old Composer-EMA "
+                             "checkpoint?); resume it with algorithms.ema=null, or export/generate from it")
+        self.updates = int(state.get("updates", 0))
+
+    def load_averages(self, state: dict[str, Any]) -> None:
         if state.get("format") != FORMAT:
             raise ValueError("this checkpoint's EMA state is not composer_prx's EMA (an old Composer-EMA "
                              "checkpoint?); resume it with algorithms.ema=null, or export/generate from it")
@@ -164,7 +176,6 @@ class EMA(Algorithm):
 
                     source = distribute_tensor(source.to(target.device), target.device_mesh, target.placements)
                 _local(target).copy_(_local(source))
-        self.updates = int(state.get("updates", 0))
 
     # ---- using an average -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -196,13 +207,27 @@ class EMA(Algorithm):
         return next(iter(self.smoothings))
 
 
+class EMAAverages(Callback):
+    """Carries an EMA's averages in the checkpoint's callback entry (a mapping, which sharded checkpoints
+    walk into, so each DTensor shard is saved by its rank; the algorithm list is saved as one object)."""
+
+    def __init__(self, ema: EMA):
+        self.ema = ema
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ema.averages_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_averages(state)
+
+
 def find_ema(state: State) -> EMA | None:
     return next((a for a in state.algorithms if isinstance(a, EMA)), None)
 
 
 def checkpoint_averages(checkpoint_state: dict[str, Any]) -> dict[str, dict[str, Tensor]] | None:
     """{name: {param name: tensor}} of a loaded (single-file) checkpoint of our EMA, or None without it."""
-    for cls_name, state in checkpoint_state.get("state", {}).get("algorithms") or []:
-        if cls_name == "EMA" and isinstance(state, dict) and state.get("format") == FORMAT:
-            return state["averages"]
+    entry = (checkpoint_state.get("state", {}).get("callbacks") or {}).get("EMAAverages")
+    if isinstance(entry, dict) and entry.get("format") == FORMAT:
+        return entry["averages"]
     return None
