@@ -193,6 +193,7 @@ def test_fsdp2_two_ranks_two_stages_ema_every_10_batches_and_exact_resume(full_r
     key = "denoiser.blocks.0.qkv.weight"
     assert ema["averages"]["ema_0.999"][key].shape == full["model"][key].shape  # gathered whole from the shards
     assert not torch.equal(ema["averages"]["ema_0.999"][key], full["model"][key])
-    for part in ("model", "algorithms", "optimizers", "dataset_state"):
+    assert_same(dict(full["algorithms"])["EMA"], dict(resumed["algorithms"])["EMA"], "ema")
+    for part in ("model", "optimizers", "dataset_state"):
         assert_same(full[part], resumed[part], part)
     assert_same(counters(full["timestamp"]), counters(resumed["timestamp"]), "timestamp")
