@@ -72,13 +72,13 @@ class EMA(Algorithm):
         self.update_interval = int(interval.value)
         self.averages: dict[str, dict[str, Tensor]] | None = None
         self.updates = 0
-        self._model: nn.Module | None = None
+        self._model: State | None = None
         self._full_state = False
         self._pending: dict[str, Any] | None = None
 
     # ---- storage ------------------------------------------------------------------------------
     def _bind(self, state: State) -> None:
-        self._model = state.model
+        self._model = state  # read lazily: the Trainer wraps (DDP) or shards (FSDP2) the model after INIT
         fsdp = getattr(state, "fsdp_config", None)
         self._full_state = fsdp is not None and getattr(fsdp, "state_dict_type", "sharded") == "full"
 
@@ -98,7 +98,10 @@ class EMA(Algorithm):
         """The trainable parameters as they are now (FSDP2 replaces them by DTensors when it wraps)."""
         if self._model is None:
             raise RuntimeError("EMA is used before Event.INIT; add it to the Trainer's algorithms")
-        return {n: p for n, p in self._model.named_parameters() if p.requires_grad}
+        model = self._model.model
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # names as in the checkpoint's model state
+            model = model.module
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.FIT_START, Event.BATCH_END)
