@@ -126,7 +126,7 @@ def test_kill_9_mid_run_then_the_same_command_continues(full_run):
     folder = tmp / "runs" / "killed" / "checkpoints"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
-    while not (folder / "ep0-ba5-rank0.pt").exists():  # in stage 2, mid-run
+    while not (folder / "ep0-ba4-rank0.pt").exists():  # in stage 2 (latest: batch 3 or 4), mid-step
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
