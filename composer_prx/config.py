@@ -44,7 +44,8 @@ class ConfigError(ValueError):
 
 
 ALGORITHMS = {
-    "ema": "composer.algorithms:EMA",
+    "ema": "composer_prx.algorithms.ema:EMA",
+    "composer_ema": "composer.algorithms:EMA",  # Composer's own (no FSDP2 support; see README "EMA under FSDP2")
     "gradient_clipping": "composer.algorithms:GradientClipping",
     "tread": "composer_prx.algorithms.tread:Tread",
     "repa": "composer_prx.algorithms.repa:Repa",
@@ -187,7 +188,7 @@ class DataSection:
 
 @dataclass
 class TrainerSection:
-    max_duration: str
+    max_duration: str | None = None  # required without stages; with stages the sum of their durations
     device: str | None = None
     precision: str = "fp32"
     device_train_microbatch_size: int | str | None = None
@@ -221,6 +222,8 @@ class TrainConfig:
     callbacks: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     loggers: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     variables: dict[str, Any] = field(default_factory=dict)
+    # ordered training stages (composer_prx.algorithms.stages.StageSection); empty: one stage
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def run_folder(self) -> Path:
@@ -384,6 +387,50 @@ def check_consistency(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.global_batch_size must be >= 1, got {cfg.data.global_batch_size}")
 
 
+def check_stages(cfg: TrainConfig) -> None:
+    """Build each stage section strictly and make trainer.max_duration the schedule's total batches."""
+    from composer_prx.algorithms.stages import StageSection
+
+    if not cfg.stages:
+        if cfg.trainer.max_duration is None:
+            raise ConfigError("missing required key trainer.max_duration (or declare `stages:` with durations)")
+        return
+    built = []
+    for i, stage in enumerate(cfg.stages):
+        section = build_section(StageSection, stage, f"stages[{i}]")
+        try:
+            section.batches
+        except ValueError as err:
+            raise ConfigError(f"stages[{i}].duration: {err}") from err
+        resolution = section.resolution or cfg.data.resolution
+        if resolution % cfg.model.dit.patch_size:
+            raise ConfigError(f"stages[{i}].resolution {resolution} is not a multiple of the patch size "
+                              f"{cfg.model.dit.patch_size} (model.dit.patch_size)")
+        from composer_prx.algorithms.stages import stage_algorithm_settings
+
+        try:
+            settings = stage_algorithm_settings({k: v for k, v in cfg.algorithms.items() if v is not None},
+                                                section.algorithms)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        for name in section.algorithms:
+            resolve("algorithms", name)
+            if name in settings:
+                check_kwargs(resolve("algorithms", name), settings[name], f"stages[{i}].algorithms.{name}")
+        built.append(section)
+    total = f"{sum(s.batches for s in built)}ba"
+    if cfg.trainer.max_duration is not None and cfg.trainer.max_duration != total:
+        raise ConfigError(f"trainer.max_duration {cfg.trainer.max_duration} differs from the stages' total {total}; "
+                          "remove trainer.max_duration (the stages define it) or make them agree")
+    for key in ("t_warmup", "t_max", "t_start"):  # one time unit for the LR schedule and the stages
+        value = (cfg.scheduler or {}).get(key)
+        if isinstance(value, str) and not value.endswith(("ba", "dur")):
+            raise ConfigError(f"scheduler.{key} is {value!r}; with stages use batches ('1000ba') or 'dur', since "
+                              "samples and epochs drift apart from batches when the batch size changes")
+    cfg.trainer.max_duration = total
+    cfg.stages = [dataclasses.asdict(s) for s in built]
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML, apply key=value overrides, resolve ${...}, and check everything strictly."""
     path = Path(path)
@@ -398,6 +445,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err}") from err
     cfg = build_section(TrainConfig, data, "")
+    check_stages(cfg)
     for registry in ("algorithms", "callbacks", "loggers"):  # `name: null` switches a component off
         setattr(cfg, registry, {k: v for k, v in getattr(cfg, registry).items() if v is not None})
     check_consistency(cfg)

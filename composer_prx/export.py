@@ -206,16 +206,36 @@ def _ema_state(checkpoint_state: Mapping) -> dict | None:
     return None
 
 
-def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = None, ema: bool | None = None):
-    """PRXModel with a checkpoint's EMA weights (ema None: when present; True: required) or trained weights (False).
+def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = None,
+                          ema: bool | str | None = None):
+    """PRXModel with a checkpoint's EMA weights (ema None: when present; True: required; a name: that
+    average of several) or its trained weights (False).
 
-    At a checkpoint Composer's EMA swaps its averages into the model, so the model state holds the
-    EMA weights and the EMA storage the trained ones when `ema_weights_active`; otherwise the reverse.
+    composer_prx's EMA keeps the trained weights in the model state and its averages by name in its
+    own entry. Composer's EMA (old checkpoints) swaps its average into the model at a checkpoint, so
+    the model state holds the EMA weights and its storage the trained ones when `ema_weights_active`.
     """
+    from composer_prx.algorithms.ema import checkpoint_averages
     from composer_prx.generate import inference_weights, load_model
 
     model = load_model(checkpoint, config)  # the model state as saved
-    state = _ema_state(torch.load(checkpoint, map_location="cpu", weights_only=False))
+    loaded = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    averages = checkpoint_averages(loaded)
+    if averages is not None:
+        if ema is False:
+            return model
+        name = ema if isinstance(ema, str) else next(iter(averages))
+        if name not in averages:
+            raise ValueError(f"{checkpoint} has no EMA named {name!r}; its EMAs: {sorted(averages)}")
+        missing, unexpected = model.load_state_dict(inference_weights(averages[name]), strict=False)
+        if unexpected:
+            raise RuntimeError(f"EMA {name!r} of {checkpoint} does not match the model: unexpected {unexpected[:5]}")
+        log.info("using EMA %r of %s", name, checkpoint)
+        return model
+    if isinstance(ema, str):
+        raise ValueError(f"{checkpoint} holds no composer_prx EMA named {ema!r} (the run had no algorithms.ema, or "
+                         "used Composer's EMA: pass --ema without a name)")
+    state = _ema_state(loaded)
     if state is None:
         if ema:
             raise ValueError(f"{checkpoint} holds no EMA weights (the run had no algorithms.ema, or EMA had not "
@@ -235,7 +255,7 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, text_encoder: str | None = None,
-                      ema: bool | None = None, config: str | Path | None = None) -> Path:
+                      ema: bool | str | None = None, config: str | Path | None = None) -> Path:
     """Checkpoint -> diffusers folder: the transformer alone, or with text_encoder a PRXPixelPipeline."""
     from composer_prx import config as C
     from composer_prx.generate import find_config
@@ -258,14 +278,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, text_encoder: str
     return out
 
 
+def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ema [NAME] / --no-ema: which weights of a checkpoint (default: its first EMA when it has one)."""
+    parser.add_argument("--ema", nargs="?", const=True, default=None, metavar="NAME",
+                        help="EMA weights (default when the checkpoint has them); NAME picks one of several "
+                             "smoothings (e.g. ema_0.9999)")
+    parser.add_argument("--no-ema", dest="ema", action="store_const", const=False, help="the trained weights")
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a Composer checkpoint file of a composer_prx run")
     parser.add_argument("--diffusers", required=True, metavar="OUT", help="folder to write")
     parser.add_argument("--text-encoder", default=None, metavar="PATH",
                         help="hub id or folder of the run's text encoder: write a full PRXPixelPipeline")
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                        help="EMA weights (default: when the checkpoint has them) or, with --no-ema, the trained ones")
+    add_ema_arguments(parser)
     parser.add_argument("--config", default=None, help="the run's config.yaml (default: found beside the checkpoint)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,8 +1,8 @@
 """python -m composer_prx.generate CHECKPOINT --prompt "..." [--out image.png] -> a PNG.
 
 The model is rebuilt from the run's resolved config (config.yaml beside the checkpoints folder, or
---config), then the checkpoint's weights are loaded (EMA weights when the run used EMA: Composer's
-checkpoints hold them in the model state). --guidance tread (self-guidance) routes the TREAD route the
+--config), then the checkpoint's weights are loaded: its EMA weights when the run used EMA (the first
+average, or the one --ema NAME names), the trained ones with --no-ema. --guidance tread (self-guidance) routes the TREAD route the
 run trained with, read from that config, unless --tread-route START END RATIO says otherwise.
 """
 
@@ -84,10 +84,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", choices=("euler", "heun"), default="euler")
     parser.add_argument("--device", default="cpu")
+    from composer_prx.export import add_ema_arguments
+
+    add_ema_arguments(parser)
     parser.add_argument("--upscale", type=int, default=1, help="nearest-neighbour enlargement of the PNG")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    model = load_model(args.checkpoint, args.config, args.device)
+    from composer_prx.export import load_checkpoint_model
+
+    model = load_checkpoint_model(args.checkpoint, args.config, args.ema).to(args.device)
     size = args.size or C.load_config(args.config or find_config(Path(args.checkpoint))).data.resolution
     route = None
     if args.tread_route is not None:

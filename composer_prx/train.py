@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
+from pathlib import Path
 
 import torch
 from composer import Trainer
@@ -15,6 +17,7 @@ from composer.utils import dist, get_device, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
 from composer_prx import config as C
+from composer_prx.algorithms.stages import StagedLoader, Stages, StageSection, stage_algorithm_settings
 from composer_prx.callbacks.gloo_mean import GlooGradientMean
 from composer_prx.callbacks.resume import ExactResume
 from composer_prx.data.dataset import CorruptSampleCounter
@@ -53,7 +56,7 @@ def build_prx_model(cfg: C.TrainConfig) -> PRXModel:
                     caption_dropout=m.caption_dropout, t_min=m.t_min, eval_t_values=tuple(m.eval_t_values))
 
 
-def build_dataloader(cfg: C.TrainConfig, spec: dict, batch_size: int, split: str):
+def build_dataloader(cfg: C.TrainConfig, spec: dict, batch_size: int, split: str, resolution: int | None = None):
     """A registered data builder with the trainer-owned arguments filled in."""
     name, kwargs = C._split_component(spec, f"data.{split}")
     world = dist.get_world_size()
@@ -61,14 +64,78 @@ def build_dataloader(cfg: C.TrainConfig, spec: dict, batch_size: int, split: str
         raise C.ConfigError(f"data batch size {batch_size} is not divisible by the world size {world}")
     builder = C.resolve("data", name)
     return builder(batch_size=batch_size // world, seed=cfg.seed, patch_size=cfg.model.dit.patch_size,
-                   resolution=cfg.data.resolution, **kwargs)
+                   resolution=resolution or cfg.data.resolution, **kwargs)
+
+
+def build_stages(cfg: C.TrainConfig) -> tuple[StagedLoader, Stages, list]:
+    """cfg.stages -> (the staged train loader, its Stages callback, stage 0's algorithms)."""
+    stages = [StageSection(**s) for s in cfg.stages]
+    base = dict(cfg.algorithms)
+    made: dict[tuple, object] = {}  # one instance per (name, settings): unchanged algorithms are shared
+
+    def algorithm(name: str, kwargs: dict):
+        key = (name, repr(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = C.resolve("algorithms", name)(**kwargs)
+        return made[key]
+
+    per_stage = [[algorithm(n, kw) for n, kw in stage_algorithm_settings(base, s.algorithms).items()]
+                 for s in stages]
+
+    def builder(stage: StageSection):
+        return lambda: build_dataloader(cfg, cfg.data.train, stage.global_batch_size or cfg.data.global_batch_size,
+                                        "train", stage.resolution)
+
+    for s in stages:  # a batch that does not split over the ranks fails now, not at the boundary
+        if (s.global_batch_size or cfg.data.global_batch_size) % dist.get_world_size():
+            raise C.ConfigError(f"stage {s.name!r}: global batch {s.global_batch_size} is not divisible by "
+                                f"the world size {dist.get_world_size()}")
+    loader = StagedLoader([builder(s) for s in stages], [s.batches for s in stages])
+    loader.inner()  # stage 0's loader now: data preparation (and anything it writes) happens before the model
+    microbatches = [s.device_train_microbatch_size or cfg.trainer.device_train_microbatch_size
+                    or (s.global_batch_size or cfg.data.global_batch_size) // dist.get_world_size() for s in stages]
+    return loader, Stages(loader, stages, per_stage, microbatches), per_stage[0]
+
+
+def drop_checkpoints_after_latest(folder: Path) -> list[Path]:
+    """Autoresume after a kill: remove checkpoints newer than the one `latest-rank0.pt` points to.
+
+    A process killed while saving (or between writing a checkpoint and moving the symlink) leaves a
+    checkpoint that autoresume does not load and that Composer then refuses to overwrite.
+    """
+    import re
+    import shutil
+
+    if not folder.is_dir():
+        return []
+    latest = folder / "latest-rank0.pt"
+    target = os.readlink(latest) if latest.is_symlink() else None
+    match = re.search(r"ba(\d+)", os.path.basename(str(target).rstrip("/"))) if target else None
+    last = int(match.group(1)) if match else -1
+    removed = []
+    for entry in folder.iterdir():
+        found = re.fullmatch(r"ep\d+-ba(\d+)(-rank\d+\.pt)?", entry.name)
+        if found and int(found.group(1)) > last:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+    if removed:
+        log.warning("autoresume: removed %s, written after the last complete checkpoint %s",
+                    sorted(p.name for p in removed), target)
+    return removed
 
 
 def build_trainer(cfg: C.TrainConfig) -> Trainer:
     """Config -> data, model, optimizer, algorithms, callbacks, loggers -> composer.Trainer."""
     folder = cfg.run_folder
     dist.initialize_dist(get_device(cfg.trainer.device), timeout=cfg.trainer.dist_timeout)  # data prep may sync
-    train_loader = build_dataloader(cfg, cfg.data.train, cfg.data.global_batch_size, "train")
+    extra_callbacks, microbatch = [], cfg.trainer.device_train_microbatch_size
+    if cfg.stages:
+        train_loader, stages_callback, algorithms = build_stages(cfg)
+        extra_callbacks.append(stages_callback)
+        microbatch = stages_callback.microbatches[0]
+    else:
+        train_loader = build_dataloader(cfg, cfg.data.train, cfg.data.global_batch_size, "train")
+        algorithms = [C.resolve("algorithms", n)(**kw) for n, kw in cfg.algorithms.items()]
     eval_loader = None
     if cfg.data.eval is not None:
         eval_loader = build_dataloader(cfg, cfg.data.eval, cfg.data.eval_batch_size or cfg.data.global_batch_size,
@@ -84,14 +151,17 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
     if cfg.scheduler is not None:
         name, kwargs = C._split_component(cfg.scheduler, "scheduler")
         schedulers = C.resolve("scheduler", name)(**kwargs)
-    callbacks = [C.resolve("callbacks", n)(**kw) for n, kw in cfg.callbacks.items()] + [ExactResume(),
-                                                                                   GlooGradientMean()]
+    callbacks = [C.resolve("callbacks", n)(**kw) for n, kw in cfg.callbacks.items()] + [
+        ExactResume(), GlooGradientMean(), *extra_callbacks]
     if "data_stats" not in cfg.callbacks:  # unreadable samples are always counted and logged per epoch
         callbacks.append(CorruptSampleCounter())
     loggers = [C.resolve("loggers", n)(**kw) for n, kw in cfg.loggers.items()]
     t = cfg.trainer
     if t.compile:
         model.denoiser.compile()
+    if t.autoresume and dist.get_local_rank() == 0:  # crash-safe: a half-written newer checkpoint goes
+        drop_checkpoints_after_latest(folder / "checkpoints")
+    dist.barrier()
     if dist.get_global_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(C.to_yaml(cfg))
@@ -110,7 +180,7 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
         loggers=loggers,
         device=t.device,
         precision=t.precision,
-        device_train_microbatch_size=t.device_train_microbatch_size,
+        device_train_microbatch_size=microbatch,
         parallelism_config={"fsdp": FSDP2Config(**t.fsdp)} if t.fsdp is not None else None,
         save_folder=str(folder / "checkpoints"),
         save_interval=t.save_interval,
@@ -137,7 +207,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         raise SystemExit(f"config error: {err}") from None
     trainer = build_trainer(cfg)
     trainer.fit()
-    for callback in trainer.state.callbacks:
+    for callback in [*trainer.state.callbacks, *trainer.state.algorithms]:
         summary = getattr(callback, "summary", None)
         if summary and dist.get_global_rank() == 0:
             print(summary())

@@ -70,5 +70,8 @@ def test_composer_components_by_name():
     from composer.algorithms import EMA
     from composer.callbacks import SpeedMonitor
 
-    assert C.resolve("algorithms", "ema") is EMA
+    from composer_prx.algorithms.ema import EMA as OurEMA
+
+    assert C.resolve("algorithms", "composer_ema") is EMA
+    assert C.resolve("algorithms", "ema") is OurEMA  # ours: sharded with FSDP2, several smoothings
     assert C.resolve("callbacks", "speed_monitor") is SpeedMonitor

@@ -169,7 +169,8 @@ def tiny_run(tmp_path, data_root, name, ema=True):
         "data.train.n_train=32", "data.global_batch_size=8", "trainer.max_duration=2ba", "trainer.save_interval=2ba",
         "trainer.progress_bar=false", "callbacks.samples=null", "callbacks.shapes_eval=null", "scheduler.t_warmup=1ba",
         "optimizer.lr=0.01",
-    ] + ([] if ema else ["algorithms.ema=null"])
+    ] + (["algorithms.ema=null"] + (["algorithms.composer_ema={half_life: null, smoothing: 0.995, "
+                                     "update_interval: 1ba}"] if ema else []))  # old Composer-EMA checkpoints
     train.main([str(ROOT / "yamls" / "quickstart.yaml"), *overrides])
     return tmp_path / "runs" / name / "checkpoints" / "latest-rank0.pt"
 

@@ -109,7 +109,7 @@ def test_register_errors_name_the_problem():
         C.register("algorithm", "x", CountBatches)
     with pytest.raises(C.ConfigError, match="must read 'module:attribute'"):
         C.register("algorithms", "x", "tests.test_registry.CountBatches")
-    with pytest.raises(C.ConfigError, match="'ema' is already registered to 'composer.algorithms:EMA'"):
+    with pytest.raises(C.ConfigError, match="'ema' is already registered to 'composer_prx.algorithms.ema:EMA'"):
         C.register("algorithms", "ema", CountBatches)
     C.register("algorithms", "count", CountBatches)
     C.register("algorithms", "count", CountBatches)  # the same object again is fine

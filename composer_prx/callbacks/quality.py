@@ -51,8 +51,9 @@ class ShapesEval(Callback):
     def __init__(self, root: str, size: int = 32, steps: int = 25, guidance: str = "cfg",
                  guidance_scale: float = 2.0, interval: str | None = None, seed: int = 0,
                  batch_size: int = 64, grid_folder: str | None = "./runs/{run_name}/samples",
-                 samples_per_prompt: int = 4, max_prompts: int = 64):
+                 samples_per_prompt: int = 4, max_prompts: int = 64, ema: str | None = None):
         check_sampling(size, steps, guidance, "ShapesEval")
+        self.ema = ema  # which EMA average is scored (default: the EMA's first)
         if samples_per_prompt < 1 or max_prompts < 1:
             raise ValueError(f"samples_per_prompt and max_prompts must be >= 1, got {samples_per_prompt}, {max_prompts}")
         self.samples_per_prompt, self.max_prompts = samples_per_prompt, max_prompts
@@ -85,7 +86,7 @@ class ShapesEval(Callback):
 
         from composer_prx.data.shapes import load_eval_prompts
 
-        with ema_weights(state), get_precision_context(state.precision):
+        with ema_weights(state, self.ema), get_precision_context(state.precision):
             for n_objects in (1, 2):
                 prompts = load_eval_prompts(self.root, n_objects)
                 stride = max(1, len(prompts) // self.max_prompts)  # an evenly spread, fixed subset

@@ -1,7 +1,7 @@
 """SampleGrid: image grids at fixed prompts and seeds, written as PNG into the run folder.
 
 Generation runs on every rank (a sharded model needs all of them); rank 0 writes the file. When
-Composer's EMA algorithm is present, samples use the EMA weights. guidance="tread" (self-guidance)
+an EMA algorithm is present, samples use its weights (`ema` names one of several averages). guidance="tread" (self-guidance)
 routes the training `Tread` route unless `tread_route` gives another.
 """
 
@@ -22,11 +22,19 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def ema_weights(state: State):
-    """Swap Composer's EMA weights into the model for the duration (no-op without EMA)."""
-    from composer.algorithms import EMA
+def ema_weights(state: State, name: str | None = None):
+    """Swap an EMA's weights into the model for the duration: our EMA's average `name` (default: its first),
+    else Composer's EMA; a no-op without EMA."""
+    from composer.algorithms import EMA as ComposerEMA
 
-    ema = next((a for a in state.algorithms if isinstance(a, EMA)), None)
+    from composer_prx.algorithms.ema import find_ema
+
+    ours = find_ema(state)
+    if ours is not None:
+        with ours.swapped_in(name):
+            yield
+        return
+    ema = next((a for a in state.algorithms if isinstance(a, ComposerEMA)), None)
     if ema is None or ema.ema_model is None or not ema.ema_started:
         yield
         return
@@ -105,6 +113,7 @@ class SampleGrid(Callback):
         seeds: list[int] | None = None,
         upscale: int = 1,
         tread_route: list | None = None,
+        ema: str | None = None,
     ):
         if not prompts:
             raise ValueError("SampleGrid needs at least one prompt")
@@ -116,6 +125,7 @@ class SampleGrid(Callback):
                 raise ValueError(f"SampleGrid.tread_route is only used with guidance='tread', got guidance={guidance!r}")
             parse_routes(tread_route)  # a malformed route fails here, not at the first sample
         self.tread_route = tread_route
+        self.ema = ema  # which EMA average samples (default: the EMA's first); the trained weights without EMA
         self.prompts = list(prompts)
         self.folder = folder
         self.interval = Time.from_timestring(interval) if interval else None
@@ -157,7 +167,7 @@ class SampleGrid(Callback):
     def write(self, state: State, logger: Logger, tag: str) -> Path | None:
         model = unwrap(state.model)
         images = []
-        with ema_weights(state), get_precision_context(state.precision):  # bf16 autocast when training uses it
+        with ema_weights(state, self.ema), get_precision_context(state.precision):  # bf16 autocast when training uses it
             for seed in self.seeds:
                 images.append(model.generate(self.prompts, size=self.size, steps=self.steps, guidance=self.guidance,
                                              guidance_scale=self.guidance_scale, seed=seed,

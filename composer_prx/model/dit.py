@@ -288,7 +288,14 @@ class PixelDiT(nn.Module):
         rope = rope_2d(grid_h, grid_w, self.cfg.head_dim, self.cfg.rope_theta, t.device)
         return BlockContext(temb=temb, text=text_tokens, text_mask=text_mask, rope=rope)
 
+    # PRXModel passes t as its fp32 bits (int32): FSDP2's mixed-precision policy casts floating inputs
+    # to bf16, which would round t by up to ~2e-3 before the 1000 t embedding.
+    time_as_bits = True
+
     def forward(self, x_t: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        """x_t [B, 3, H, W], t [B] in [0, 1] (fp32, or its bits as int32), text [B, T, text_dim] -> x [B, 3, H, W]."""
+        if t.dtype == torch.int32:
+            t = t.view(torch.float32)
         _, _, height, width = x_t.shape
         p = self.cfg.patch_size
         x = self.patch_proj(self.patch_in(patchify(x_t, p)))  # [B, N, C]

@@ -164,9 +164,16 @@ class PRXModel(ComposerModel):
             self._train_text_len = text.shape[1]
         return out
 
+    def call_denoiser(self, x_t: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None) -> Tensor:
+        """denoiser(x_t, t, text, mask); t travels as its fp32 bits (int32) to a denoiser with
+        `time_as_bits`, so FSDP2's mixed-precision input cast (floating tensors only) cannot round it."""
+        if getattr(self.denoiser, "time_as_bits", False):
+            t = t.float().view(torch.int32)
+        return self.denoiser(x_t, t, text, text_mask)
+
     def _denoise(self, x: Tensor, eps: Tensor, t: Tensor, text: Tensor, mask: Tensor, all_real: bool) -> FlowOutput:
         x_t = flow.add_noise(x, eps, t)
-        x_pred = self.denoiser(x_t, t, text, None if all_real else mask)
+        x_pred = self.call_denoiser(x_t, t, text, None if all_real else mask)
         v_pred = flow.x_to_v(x_t, x_pred, t, self.t_min)
         return FlowOutput(x=x, x_t=x_t, t=t, x_pred=x_pred, v_pred=v_pred,
                           v_target=flow.v_target(x_t, x, t, self.t_min),
@@ -276,15 +283,15 @@ class PRXModel(ComposerModel):
 
         def denoise(x_t: Tensor, t: Tensor) -> Tensor:
             if guidance == "none":
-                return self.denoiser(x_t, t, cond, prompt_mask)
+                return self.call_denoiser(x_t, t, cond, prompt_mask)
             if guidance == "cfg":
-                both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]),
-                                     torch.cat([cond_mask, torch.zeros_like(cond_mask)]))
+                both = self.call_denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]),
+                                          torch.cat([cond_mask, torch.zeros_like(cond_mask)]))
                 x_cond, x_uncond = both.chunk(2)
                 return flow.guide(x_cond, x_uncond, scale)
             with routing.suspended():
-                dense = self.denoiser(x_t, t, cond, prompt_mask)
-            routed = self.denoiser(x_t, t, cond, prompt_mask)
+                dense = self.call_denoiser(x_t, t, cond, prompt_mask)
+            routed = self.call_denoiser(x_t, t, cond, prompt_mask)
             return flow.guide(dense, routed, scale)
 
         was_training = self.training
