@@ -141,10 +141,10 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
         eval_loader = build_dataloader(cfg, cfg.data.eval, cfg.data.eval_batch_size or cfg.data.global_batch_size,
                                        "eval")
     model = build_model(cfg)
-    algorithms = [C.resolve("algorithms", n)(**kw) for n, kw in cfg.algorithms.items()]
-    for algorithm in algorithms:  # modules an algorithm trains (REPA's projector) exist before the optimizer
-        if callable(getattr(algorithm, "prepare", None)):
-            algorithm.prepare(model)
+    every_stage = stages_callback.algorithms if cfg.stages else [algorithms]
+    for algorithm in {id(a): a for stage in every_stage for a in stage}.values():
+        if callable(getattr(algorithm, "prepare", None)):  # what an algorithm trains (REPA's projector) exists
+            algorithm.prepare(model)                      # before the optimizer, whichever stage uses it
     opt_name, opt_kwargs = C._split_component(cfg.optimizer, "optimizer")
     optimizer = C.resolve("optimizer", opt_name)(model, **opt_kwargs)
     schedulers = None

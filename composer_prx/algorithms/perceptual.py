@@ -140,7 +140,7 @@ class _PerceptualLoss(Algorithm):
                                 f"(a FlowOutput, README, Contracts for your own model, 1); got {type(outputs).__name__}")
         return perceptual_term(outputs.x_pred, outputs.x, outputs.t, self.distance, self.t_range)
 
-    def prepare(self, device: torch.device) -> None:
+    def load_net(self, device: torch.device) -> None:
         """Load the frozen net on `device` (at INIT: missing weights fail before the first step)."""
         raise NotImplementedError
 
@@ -149,7 +149,7 @@ class _PerceptualLoss(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            self.prepare(next(state.model.parameters()).device)
+            self.load_net(next(state.model.parameters()).device)
             return
         term = self.term(state.outputs)
         state.loss = state.loss + self.weight * term
@@ -290,7 +290,7 @@ class LpipsLoss(_PerceptualLoss):
             self._lpips = load_lpips(self.net, self.backbone_path, device)
         return self._lpips
 
-    def prepare(self, device: torch.device) -> None:
+    def load_net(self, device: torch.device) -> None:
         self.lpips_on(device)
 
     def distance(self, x_pred: Tensor, x: Tensor) -> Tensor:
@@ -351,7 +351,7 @@ class DinoPerceptualLoss(_PerceptualLoss):
                                                 dtype=self.teacher_dtype, device=device)
         return self._teacher
 
-    def prepare(self, device: torch.device) -> None:
+    def load_net(self, device: torch.device) -> None:
         self.teacher_on(device)
 
     def grid(self, height: int, width: int, patch_size: int) -> tuple[int, int]:

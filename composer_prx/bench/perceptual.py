@@ -53,10 +53,10 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         lpips_loss = LpipsLoss(weight=0.1, net="vgg", backbone_path=_random_vgg16_file(folder),
                                resolution=args.lpips_resolution)
-        lpips_loss.prepare(device)
+        lpips_loss.load_net(device)
     dino_loss = DinoPerceptualLoss(weight=0.01, teacher=DINO_TEACHER, teacher_weights="random",
                                    resolution=args.dino_resolution)
-    dino_loss.prepare(device)
+    dino_loss.load_net(device)
     losses = {"lpips": lpips_loss, "dino": dino_loss}
     threads = torch.get_num_threads()
     print(f"reference geometry {REFERENCE}, batch {args.batch}, fp32, {threads} threads, {args.rounds} rounds; "
