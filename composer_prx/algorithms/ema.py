@@ -101,6 +101,9 @@ class EMA(Algorithm):
         model = self._model.model
         if isinstance(model, nn.parallel.DistributedDataParallel):  # names as in the checkpoint's model state
             model = model.module
+        for module in model.modules():  # a forward outside training (sampling) can leave FSDP2's root unsharded:
+            if hasattr(module, "reshard") and hasattr(module, "unshard"):  # averages pair with the shards
+                module.reshard()
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def match(self, event: Event, state: State) -> bool:
@@ -197,6 +200,7 @@ class EMA(Algorithm):
         try:
             yield
         finally:
+            params = self._params  # resharded again after the sampling inside
             with torch.no_grad():
                 for n, p in params.items():
                     _local(p.detach()).copy_(saved[n])
