@@ -30,6 +30,7 @@ _PUBLIC = {
     "Stages": "composer_prx.algorithms.stages",
     "StageSection": "composer_prx.algorithms.stages",
     "ExactResume": "composer_prx.callbacks.resume",
+    "TimeBudget": "composer_prx.callbacks.budget",
     "Muon": "composer_prx.optim.muon",
     "muon_param_groups": "composer_prx.optim.muon",
     "export_checkpoint": "composer_prx.export",

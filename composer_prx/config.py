@@ -61,6 +61,7 @@ CALLBACKS = {
     "shapes_eval": "composer_prx.callbacks.quality:ShapesEval",
     "update_rms": "composer_prx.optim.muon:UpdateRMSMonitor",
     "data_stats": "composer_prx.data.dataset:CorruptSampleCounter",
+    "time_budget": "composer_prx.callbacks.budget:TimeBudget",
 }
 LOGGERS = {
     "file": "composer.loggers:FileLogger",

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHES = ("step", "tread", "muon", "data", "repa", "perceptual")
+BENCHES = ("step", "tread", "muon", "data", "repa", "perceptual", "ablate")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,150 @@
+"""python -m composer_prx.bench ablate: each technique alone over an AdamW baseline, and all of them, at equal wall time.
+
+Every arm trains yamls/quickstart.yaml on the shapes data for the same wall-clock budget (`--seconds`,
+callback `time_budget`), then ShapesEval scores the held-out prompts; each arm runs every seed:
+
+    arm = baseline (AdamW; no EMA, TREAD, REPA, perceptual loss) + its techniques
+    table row = arm | batches in the budget | ShapesEval 1-/2-object scores, mean ± std over seeds | wall s
+
+A finished (arm, seed) leaves OUT/results/ARM-sSEED.json and is kept, not rerun, so an interrupted
+ablation resumes where it stopped. REPA and the DINO perceptual loss use the shapes stand-in teacher
+(python -m composer_prx.data.shapes_teacher), trained once for a fixed number of steps. LPIPS needs
+torchvision's ImageNet VGG16 (`--lpips-backbone`); without that file its arms are reported as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "yamls" / "quickstart.yaml"
+# Each technique as the quickstart-scale settings it runs with; {teacher} / {lpips} are filled in at run time.
+TECHNIQUES = {
+    "muon": ["optimizer.name=muon"],
+    "ema": ["algorithms.ema={half_life: null, smoothing: 0.995, update_interval: 1ba}"],
+    "tread": ["algorithms.tread={route_start: 1, route_end: -2, ratio: 0.5}"],
+    "repa": ["algorithms.repa={teacher: '{teacher}', block: 1, weight: 0.5, hidden: 256}"],
+    "lpips": ["algorithms.lpips={weight: 0.1, net: vgg, backbone_path: '{lpips}', resolution: null}"],
+    "dino": ["algorithms.dino_perceptual={weight: 0.01, teacher: '{teacher}', resolution: null}"],
+}
+BASELINE = ["optimizer.name=adamw", *(f"algorithms.{name}=null" for name in
+                                       ("ema", "tread", "repa", "lpips", "dino_perceptual"))]
+ARMS = {"baseline": [], **{f"+{name}": [name] for name in TECHNIQUES}, "full recipe": list(TECHNIQUES)}
+# PRX Part 2's FID change when the technique is added (lower is better), for the table's last column.
+PRX_FID_DELTA = {"+muon": "−2.65", "+repa": "−3.56", "+tread": "+3.41 (256 px) / −3.32 (1024 px)"}
+SCORES = [("1obj", "colour"), ("1obj", "position"), ("1obj", "shape"), ("1obj", "all"), ("2obj", "all")]
+
+
+def arm_overrides(arm: str, teacher: str, lpips: str | None) -> list[str]:
+    """The dotlist of one arm over the quickstart: the baseline, then each of its techniques' settings."""
+    out = list(BASELINE)
+    for name in ARMS[arm]:
+        out += [o.replace("{teacher}", teacher).replace("{lpips}", lpips or "") for o in TECHNIQUES[name]]
+    return out
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm.strip('+').replace(' ', '_')}-s{seed}"
+
+
+def run_arm(arm: str, seed: int, seconds: float, out: Path, data_root: str, teacher: str, lpips: str | None,
+            extra: list[str]) -> dict:
+    """Train one (arm, seed) in this process for `seconds`, score it, write and return its result."""
+    from composer_prx import train
+
+    name = run_name(arm, seed)
+    overrides = [f"variables.data_root={data_root}", f"run_dir={out}/runs", f"run_name={name}", f"seed={seed}",
+                 "trainer.max_duration=1000000ba", "trainer.save_interval=1000000ba", "trainer.progress_bar=false",
+                 "callbacks.samples=null", f"callbacks.time_budget={{seconds: {seconds}}}",
+                 *arm_overrides(arm, teacher, lpips), *extra]
+    start = time.perf_counter()
+    trainer = train.main([str(QUICKSTART), *overrides])
+    wall = time.perf_counter() - start
+    callbacks = {type(cb).__name__: cb for cb in trainer.state.callbacks}
+    result = {"arm": arm, "seed": seed, "seconds": seconds, "batches": int(trainer.state.timestamp.batch),
+              "wall_s": round(wall, 1), "scores": callbacks["ShapesEval"].results, "overrides": overrides}
+    path = out / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+
+
+def table(results: dict[str, list[dict]], skipped: dict[str, str], seconds: float) -> str:
+    """Markdown: one row per arm (in ARMS order), scores as mean ± std over the seeds that ran."""
+    head = ["arm", "seeds", f"batches in {seconds:.0f} s", "1-obj colour", "1-obj position", "1-obj shape",
+            "1-obj all right", "2-obj all right", "wall s / seed", "PRX Part 2 FID Δ"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for arm in ARMS:
+        if arm in skipped:
+            lines.append(f"| {arm} | not run: {skipped[arm]} |" + " |" * (len(head) - 2))
+            continue
+        runs = results.get(arm, [])
+        if not runs:
+            continue
+        cells = [arm, str(len(runs)), mean_std([r["batches"] for r in runs]).replace(".00", "")]
+        cells += [mean_std([r["scores"][k][s] for r in runs if not math.isnan(r["scores"][k][s])]) for k, s in SCORES]
+        cells += [f"{statistics.mean(r['wall_s'] for r in runs):.0f}", PRX_FID_DELTA.get(arm, "—")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m composer_prx.bench ablate", description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=150.0, help="training wall-clock budget per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[17, 18, 19])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"subset of {list(ARMS)}")
+    parser.add_argument("--out", default="./runs/ablate", help="results (kept across reruns) and the table")
+    parser.add_argument("--data-root", default="./data/shapes")
+    parser.add_argument("--teacher-steps", type=int, default=80, help="training steps of the shapes stand-in teacher")
+    parser.add_argument("--lpips-backbone", default=None, help="torchvision vgg16-397923af.pth for the LPIPS arms")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out)
+    teacher = str(Path(args.data_root) / "teacher")
+    needs_teacher = any(set(ARMS[a]) & {"repa", "dino"} for a in args.arms)
+    if needs_teacher and not (Path(teacher) / "config.json").is_file():
+        from composer_prx.data.shapes_teacher import train_shapes_teacher
+
+        train_shapes_teacher(args.data_root, seconds=math.inf, max_steps=args.teacher_steps)
+    skipped = {}
+    if args.lpips_backbone is None or not Path(args.lpips_backbone).is_file():
+        skipped = {a: f"no LPIPS backbone at --lpips-backbone {args.lpips_backbone}" for a in args.arms
+                   if "lpips" in ARMS[a]}
+    results: dict[str, list[dict]] = {}
+    for arm in [a for a in ARMS if a in args.arms and a not in skipped]:
+        for seed in args.seeds:
+            path = out / "results" / f"{run_name(arm, seed)}.json"
+            if path.is_file():
+                result = json.loads(path.read_text())
+                log.info("kept %s seed %d from %s", arm, seed, path)
+            else:
+                result = run_arm(arm, seed, args.seconds, out, args.data_root, teacher, args.lpips_backbone,
+                                 args.set)
+            results.setdefault(arm, []).append(result)
+    text = table(results, skipped, args.seconds)
+    (out / "ablate.md").parent.mkdir(parents=True, exist_ok=True)
+    (out / "ablate.md").write_text(text + "\n")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""TimeBudget stops training by the clock; bench ablate runs its arms, keeps finished ones, and tables them."""
+
+import json
+
+import pytest
+
+from composer_prx import config as C
+from composer_prx import train
+from composer_prx.bench import ablate
+from tests.test_train import QUICKSTART, tiny_overrides
+
+TINY = ["variables.size=16", "model.dit.hidden_dim=32", "model.dit.depth=4", "model.dit.num_heads=2",
+        "model.dit.bottleneck_dim=16", "data.train.n_train=96", "data.global_batch_size=8",
+        "callbacks.shapes_eval.steps=2", "callbacks.shapes_eval.max_prompts=2",
+        "callbacks.shapes_eval.samples_per_prompt=1", "scheduler.t_warmup=1ba"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes")
+
+
+def test_time_budget_stops_training_and_still_evaluates(tmp_path, data_root):
+    trainer = train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root, duration="100000ba"),
+                          "callbacks.time_budget={seconds: 1.0}", "callbacks.samples=null"])
+    budget = next(cb for cb in trainer.state.callbacks if type(cb).__name__ == "TimeBudget")
+    done = int(trainer.state.timestamp.batch)
+    assert budget.batches == done and 1 <= done < 100000
+    shapes_eval = next(cb for cb in trainer.state.callbacks if type(cb).__name__ == "ShapesEval")
+    assert set(shapes_eval.results) == {"1obj", "2obj"}  # FIT_END still ran
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        C.resolve("callbacks", "time_budget")(seconds=0)
+
+
+@pytest.mark.parametrize("arm", list(ablate.ARMS))
+def test_each_arm_is_the_baseline_plus_its_techniques(arm):
+    cfg = C.load_config(QUICKSTART, ablate.arm_overrides(arm, teacher="/t", lpips="/vgg.pth"))
+    techniques = set(ablate.ARMS[arm])
+    algorithm_of = {"ema": "ema", "tread": "tread", "repa": "repa", "lpips": "lpips", "dino": "dino_perceptual"}
+    expected = {algorithm_of[t] for t in techniques if t in algorithm_of} | {"gradient_clipping"}
+    assert {k for k, v in cfg.algorithms.items() if v is not None} == expected
+    assert C._split_component(cfg.optimizer, "optimizer")[0] == ("muon" if "muon" in techniques else "adamw")
+
+
+def test_ablate_runs_keeps_finished_arms_and_tables_them(tmp_path, data_root, capsys):
+    out = tmp_path / "ablate"
+    argv = ["--seconds", "0.5", "--seeds", "1", "2", "--arms", "baseline", "+tread", "+lpips", "--out", str(out),
+            "--data-root", str(data_root), "--set", *TINY]
+    text = ablate.main(argv)
+    results = sorted(p.name for p in (out / "results").iterdir())
+    assert results == ["baseline-s1.json", "baseline-s2.json", "tread-s1.json", "tread-s2.json"]
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert set(rows) == {"baseline", "+tread", "+lpips"}
+    assert "not run: no LPIPS backbone" in rows["+lpips"]
+    assert rows["+tread"].split(" | ")[1] == "2"  # two seeds
+    first = json.loads((out / "results" / "tread-s1.json").read_text())
+    assert first["batches"] >= 1 and set(first["scores"]) == {"1obj", "2obj"}
+    assert "algorithms.tread={route_start: 1, route_end: -2, ratio: 0.5}" in first["overrides"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
+    assert ablate.main(argv) == text  # a rerun keeps every finished (arm, seed): nothing trains again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == stamps
+    with pytest.raises(SystemExit, match="unknown arms"):
+        ablate.main(["--arms", "nope"])
