@@ -408,11 +408,11 @@ def make_plan(cfg: C.TrainConfig, *, gpus: int, gpu: str, mfu: float = 0.4, usd_
               text_params: float | None = None, text_tokens: int | None = None,
               precomputed_text: bool = False) -> Plan:
     """The plan of a loaded config on `gpus` GPUs of kind `gpu` (GPUS; peak_tflops / gpu_mem_gb override it)."""
-    from composer_prx.algorithms.stages import stage_algorithm_settings
+    from composer_prx.algorithms.stages import StageSection, stage_algorithm_settings
 
     if gpu not in GPUS:
-        raise PlanError(f"unknown GPU {gpu!r}; known GPUs: {sorted(GPUS)} (or give --peak-tflops and --gpu-mem-gb "
-                        "with one of them)")
+        raise PlanError(f"unknown GPU {gpu!r}; known GPUs: {sorted(GPUS)}; for another GPU pick one of them and "
+                        "set its numbers with --peak-tflops and --gpu-mem-gb")
     if gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {gpus}")
     if not 0.0 < mfu <= 1.0:
@@ -420,7 +420,7 @@ def make_plan(cfg: C.TrainConfig, *, gpus: int, gpu: str, mfu: float = 0.4, usd_
     spec = dataclasses.replace(GPUS[gpu], **{k: v for k, v in (("peak_tflops", peak_tflops),
                                                                 ("memory_gb", gpu_mem_gb)) if v is not None})
     if cfg.stages:
-        stages = [dict(s, batches=int(str(s["duration"]).removesuffix("ba"))) for s in cfg.stages]
+        stages = [dict(s, batches=StageSection(**s).batches) for s in cfg.stages]
     else:
         from composer.core import Time, TimeUnit
 
@@ -448,34 +448,39 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _num(value: float, digits: int = 2) -> str:
+    """Fixed decimals, or two significant digits for values too small to show that way."""
+    return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10**-digits else f"{value:.2g}"
+
+
 def render(plan: Plan) -> str:
     """The plan as markdown tables: FLOPs per step, time and cost, memory per GPU."""
     names = [f"{s.name} ({s.resolution} px, batch {s.global_batch}, {s.batches} steps)" for s in plan.stages]
     parts = sorted({k for s in plan.stages for k in s.flops},
                    key=lambda k: -max(s.flops.get(k, 0) for s in plan.stages))
-    rows = [[k] + [f"{s.flops[k] / 1e15:.2f}" if k in s.flops else "-" for s in plan.stages] for k in parts]
-    rows.append(["**total per step**"] + [f"**{s.step_flops / 1e15:.2f}**" for s in plan.stages])
+    rows = [[k] + [_num(s.flops[k] / 1e15) if k in s.flops else "-" for s in plan.stages] for k in parts]
+    rows.append(["**total per step**"] + [f"**{_num(s.step_flops / 1e15)}**" for s in plan.stages])
     out = [f"Plan: {plan.gpus} x {plan.gpu_name} (bf16 peak {plan.gpu.peak_tflops:g} TFLOP/s, "
            f"{plan.gpu.memory_gb:g} GB), MFU {plan.mfu:g}, ${plan.usd_per_gpu_hour:g}/GPU-hour", "",
            "FLOPs per optimizer step (PFLOP, global batch)", _table(["part"] + names, rows), ""]
     rows = []
     for s in plan.stages:
         hours = plan.hours(s)
-        rows.append([s.name, f"{s.total_flops / 1e18:.1f}", f"{hours:.2f}", f"{hours * plan.gpus:.0f}",
+        rows.append([s.name, _num(s.total_flops / 1e18, 1), _num(hours), f"{hours * plan.gpus:.0f}",
                      f"{hours * plan.gpus * plan.usd_per_gpu_hour:,.0f}"])
     total = sum(s.total_flops for s in plan.stages)
-    rows.append(["**total**", f"**{total / 1e18:.1f}**", f"**{plan.total_hours:.2f}**",
+    rows.append(["**total**", f"**{_num(total / 1e18, 1)}**", f"**{_num(plan.total_hours)}**",
                  f"**{plan.total_hours * plan.gpus:.0f}**",
                  f"**{plan.total_hours * plan.gpus * plan.usd_per_gpu_hour:,.0f}**"])
     out += ["Time and cost", _table(["stage", "EFLOP", "hours", "GPU-hours", "USD"], rows), "",
-            f"MFU needed to fit the whole run in {plan.hours_budget:g} h: {plan.mfu_for_budget:.3f}", ""]
+            f"MFU needed to fit the whole run in {plan.hours_budget:g} h: {_num(plan.mfu_for_budget, 3)}", ""]
     keys = list(dict.fromkeys(k for s in plan.stages for k in s.memory_gb))
-    rows = [[k] + [f"{s.memory_gb[k]:.1f}" if k in s.memory_gb else "-" for s in plan.stages] for k in keys]
+    rows = [[k] + [_num(s.memory_gb[k], 1) if k in s.memory_gb else "-" for s in plan.stages] for k in keys]
     rows.insert(-1, ["config's device microbatch"] + [str(s.microbatch) for s in plan.stages])
     rows.append(["**total at the config's microbatch**"]
                 + [f"**{sum(s.memory_gb.values()):.1f}**" for s in plan.stages])
     rows.append(["activations per sample (no / with activation checkpointing)"]
-                + [f"{s.activation_gb:.2f} / {s.activation_ckpt_gb:.2f}" for s in plan.stages])
+                + [f"{_num(s.activation_gb)} / {_num(s.activation_ckpt_gb)}" for s in plan.stages])
     rows.append([f"largest microbatch in {USABLE_MEMORY:.0%} of {plan.gpu.memory_gb:g} GB (no / with checkpointing)"]
                 + [f"{s.max_microbatch} / {s.max_microbatch_ckpt}" for s in plan.stages])
     out += ["Memory per GPU (GB) under FSDP2", _table(["part"] + [s.name for s in plan.stages], rows), ""]
