@@ -34,6 +34,7 @@ _PUBLIC = {
     "Muon": "composer_prx.optim.muon",
     "muon_param_groups": "composer_prx.optim.muon",
     "export_checkpoint": "composer_prx.export",
+    "make_plan": "composer_prx.plan",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -1,6 +1,6 @@
 """One YAML -> one strict, typed training config, plus the name registries of every component.
 
-    yaml (+ key=value overrides, ${variables.x} interpolation)
+    yaml (+ `base: other.yaml` merged under it, key=value overrides, ${variables.x} interpolation)
       -> TrainConfig (dataclasses; unknown keys fail listing the valid ones, values type-checked,
          time strings parsed)  -> component kwargs checked against the registered builder's signature
 
@@ -432,6 +432,43 @@ def check_stages(cfg: TrainConfig) -> None:
     cfg.stages = [dataclasses.asdict(s) for s in built]
 
 
+def merge_over(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` deep-merged over `base`; a component mapping whose `name` differs from the base's replaces it whole
+    (a different optimizer starts from its own defaults), lists and values replace, null switches off."""
+    merged = dict(base)
+    for key, value in top.items():
+        below = base.get(key)
+        if isinstance(value, dict) and isinstance(below, dict) and value.get("name", below.get("name")) == below.get("name"):
+            merged[key] = merge_over(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a mapping (interpolations unresolved); a top-level `base: other.yaml` (relative to this
+    file) is read first and this file merged over it (merge_over)."""
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the path of another YAML (relative to this file), got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base {base!r} does not exist (looked for {base_path}); give a path relative "
+                          f"to {path.parent}")
+    chain = _chain + (path.resolve(),)
+    if base_path in chain:
+        raise ConfigError(f"{path}: base {base!r} includes itself ({' -> '.join(str(p) for p in chain + (base_path,))})")
+    return merge_over(read_yaml(base_path, chain), data)
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML, apply key=value overrides, resolve ${...}, and check everything strictly."""
     path = Path(path)
@@ -441,7 +478,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. trainer.max_duration=10ba)")
     try:
-        conf = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        conf = OmegaConf.merge(OmegaConf.create(read_yaml(path)), OmegaConf.from_dotlist(list(overrides)))
         data = OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err}") from err

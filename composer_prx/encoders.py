@@ -124,11 +124,18 @@ class VisionEncoder:
 
     def flops(self, h: int, w: int) -> float:
         """Forward matmul FLOPs at an h x w grid: 2 N (sum of Linear in*out) + 4 N^2 D per block + patch conv."""
-        n_tokens = self.num_prefix_tokens + h * w
         linear = sum(m.in_features * m.out_features for m in self.net.modules() if isinstance(m, nn.Linear))
-        attention = 4 * n_tokens * n_tokens * self.dim * self.depth
-        patch_embed = 2 * h * w * 3 * self.patch_size ** 2 * self.dim
-        return float(2 * n_tokens * linear + attention + patch_embed)
+        return float(vit_matmul_flops(h, w, linear_macs=linear, dim=self.dim, depth=self.depth,
+                                      patch_size=self.patch_size, prefix_tokens=self.num_prefix_tokens))
+
+
+def vit_matmul_flops(h: int, w: int, *, linear_macs: int, dim: int, depth: int, patch_size: int,
+                     prefix_tokens: int) -> int:
+    """Forward matmul FLOPs of a ViT on an h x w patch grid, N = prefix + h w tokens:
+    2 N linear_macs (the sum of in*out over its Linear layers; 4D^2 + 2DM per block for a plain MLP)
+    + 4 N^2 D per block (q k^T, p v) + 2 h w 3 p^2 D (patch embedding)."""
+    n_tokens = prefix_tokens + h * w
+    return 2 * n_tokens * linear_macs + 4 * n_tokens * n_tokens * dim * depth + 2 * h * w * 3 * patch_size ** 2 * dim
 
 
 def _is_block_list(blocks: nn.ModuleList) -> bool:

@@ -34,7 +34,8 @@ from composer_prx.algorithms.tread import find_denoiser, trained_routes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Repa", "RepaProjector", "attach_repa_projector", "denoiser_width", "repa_loss", "token_grid"]
+__all__ = ["Repa", "RepaProjector", "attach_repa_projector", "denoiser_width", "projector_flops", "repa_loss",
+           "token_grid"]
 
 PROJECTOR_NAME = "repa_projector"
 
@@ -49,6 +50,11 @@ class RepaProjector(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.net(tokens)
+
+
+def projector_flops(tokens: int, width: int, hidden: int, teacher_dim: int) -> float:
+    """Forward matmul FLOPs of the projector MLP on `tokens` tokens: 2 tokens (C H + H^2 + H D)."""
+    return 2.0 * tokens * (width * hidden + hidden * hidden + hidden * teacher_dim)
 
 
 def repa_loss(projected: Tensor, target: Tensor) -> Tensor:

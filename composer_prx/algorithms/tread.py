@@ -57,8 +57,8 @@ from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Route", "Routing", "Tread", "TreadHandle", "apply_tread", "find_denoiser", "parse_routes",
-           "plan_routes", "record_routes", "trained_routes", "tread_routing"]
+__all__ = ["Route", "Routing", "Tread", "TreadHandle", "apply_tread", "find_denoiser", "kept_tokens", "parse_routes",
+           "plan_routes", "record_routes", "tokens_per_block", "trained_routes", "tread_routing"]
 
 
 @dataclass(frozen=True)
@@ -220,9 +220,23 @@ def _check_blocks(denoiser: nn.Module) -> nn.ModuleList:
     return blocks
 
 
+def kept_tokens(n_tokens: int, ratio: float) -> int:
+    """Tokens that run through a route: N - floor(ratio N)."""
+    return n_tokens - int(ratio * n_tokens)
+
+
+def tokens_per_block(depth: int, n_tokens: int, routes: Sequence[Route | Mapping | Sequence]) -> list[int]:
+    """Image tokens each of `depth` blocks processes when `routes` route n_tokens tokens (non-overlapping)."""
+    seen = [n_tokens] * depth
+    for route in (_parse_route(r).resolve(depth) for r in routes):
+        for block in range(route.start, route.end + 1):
+            seen[block] = kept_tokens(n_tokens, route.ratio)
+    return seen
+
+
 def draw_keep_idx(batch: int, n_tokens: int, ratio: float, generator: torch.Generator) -> Tensor:
     """Sorted indices [B, N - floor(ratio N)] of kept tokens, a fresh random subset per sample."""
-    n_keep = n_tokens - int(ratio * n_tokens)
+    n_keep = kept_tokens(n_tokens, ratio)
     scores = torch.rand(batch, n_tokens, generator=generator, device=generator.device)  # [B, N]
     return scores.argsort(dim=1)[:, :n_keep].sort(dim=1).values
 

@@ -17,15 +17,10 @@ import time
 
 import torch
 
-from composer_prx.algorithms.repa import Repa
+from composer_prx.algorithms.repa import Repa, projector_flops
 from composer_prx.bench.common import REFERENCE, alternate, median, reference_batch, reference_model
 
 TEACHERS = {"vit-s16": "timm:vit_small_patch16_dinov3", "vit-b16": "timm:vit_base_patch16_dinov3"}
-
-
-def projector_flops(tokens: int, width: int, hidden: int, teacher_dim: int) -> float:
-    """Forward matmul FLOPs of the projector MLP on `tokens` tokens."""
-    return 2.0 * tokens * (width * hidden + hidden * hidden + hidden * teacher_dim)
 
 
 def main(argv: list[str]) -> None:

@@ -205,16 +205,8 @@ class DiTBlock(nn.Module):
         return torch.addcmul(x, gate2, mlp)
 
     def matmul_flops(self, batch: int, n_img: int, n_txt: int) -> int:
-        """Forward matmul FLOPs (2 per multiply-add) of one call with n_img image tokens and n_txt text tokens.
-
-        modulation 6C^2 per image; qkv 3C^2, out C^2, MLP 3Cm per image token; text kv 2C^2 per text token;
-        attention (q k^T and p v) 2 (n_txt + n_img) C per image token.
-        """
-        c, m = self.proj.in_features, self.down_proj.in_features
-        per_image = c * 6 * c
-        per_image_token = c * 3 * c + c * c + 3 * c * m + 2 * (n_txt + n_img) * c
-        per_text_token = c * 2 * c
-        return 2 * batch * (per_image + n_img * per_image_token + n_txt * per_text_token)
+        """Forward matmul FLOPs of one call (block_matmul_flops with this block's widths)."""
+        return block_matmul_flops(self.proj.in_features, self.down_proj.in_features, batch, n_img, n_txt)
 
 
 class PixelDiT(nn.Module):
@@ -315,24 +307,48 @@ class PixelDiT(nn.Module):
         return self.fsdp_wrap_fn(module)
 
     def matmul_flops(self, batch: int, n_img: int, n_txt: int, tokens_per_block: list[int] | None = None) -> int:
-        """Forward matmul FLOPs (every Linear and attention product); tokens_per_block gives the image tokens
-        each block processed (routing).
+        """Forward matmul FLOPs (dit_matmul_flops of this denoiser's config)."""
+        return dit_matmul_flops(self.cfg, batch, n_img, n_txt, tokens_per_block)
 
-        Outside the blocks: patch embedding P*B' + B'*C (or P*C) and output C*P per image token, text
-        projection Ct*C per text token, timestep MLP 256C + C^2 and final modulation 2C^2 per image,
-        resolution MLP 256C + C^2 once (one size per batch).
-        """
-        cfg = self.cfg
-        c = cfg.hidden_dim
-        tokens_per_block = tokens_per_block or [n_img] * len(self.blocks)
-        if cfg.bottleneck_dim is None:
-            patch = cfg.patch_dim * c
-        else:
-            patch = cfg.patch_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * c
-        per_image = TIME_FREQ_DIM * c + c * c + c * 2 * c
-        flops = 2 * batch * (per_image + n_img * (patch + c * cfg.patch_dim) + n_txt * cfg.text_dim * c)
-        if cfg.resolution_embeds:
-            flops += 2 * (TIME_FREQ_DIM * c + c * c)
-        for block, n in zip(self.blocks, tokens_per_block):
-            flops += block.matmul_flops(batch, n, n_txt)
-        return flops
+
+# ---- FLOPs: the one formula the trainer's throughput (PRXModel.flops_per_batch) and the planner use ----
+TRAIN_FLOP_FACTOR = 3  # forward + backward = 3 x forward matmul FLOPs (the backward has input and weight gradients)
+
+
+def block_matmul_flops(hidden: int, mlp_dim: int, batch: int, n_img: int, n_txt: int) -> int:
+    """Forward matmul FLOPs (2 per multiply-add) of one DiTBlock call with n_img image and n_txt text tokens.
+
+    modulation 6C^2 per image; qkv 3C^2, out C^2, MLP 3Cm per image token; text kv 2C^2 per text token;
+    attention (q k^T and p v) 2 (n_txt + n_img) C per image token.
+    """
+    c, m = hidden, mlp_dim
+    per_image = c * 6 * c
+    per_image_token = c * 3 * c + c * c + 3 * c * m + 2 * (n_txt + n_img) * c
+    per_text_token = c * 2 * c
+    return 2 * batch * (per_image + n_img * per_image_token + n_txt * per_text_token)
+
+
+def dit_matmul_flops(cfg: DiTConfig, batch: int, n_img: int, n_txt: int,
+                     tokens_per_block: list[int] | None = None) -> int:
+    """Forward matmul FLOPs of PixelDiT (every Linear and attention product); tokens_per_block gives the
+    image tokens each block processed (token routing), default n_img everywhere.
+
+    Outside the blocks: patch embedding P*B' + B'*C (or P*C) and output C*P per image token, text
+    projection Ct*C per text token, timestep MLP 256C + C^2 and final modulation 2C^2 per image,
+    resolution MLP 256C + C^2 once (one size per batch).
+    """
+    c = cfg.hidden_dim
+    tokens_per_block = tokens_per_block or [n_img] * cfg.depth
+    if len(tokens_per_block) != cfg.depth:
+        raise ValueError(f"tokens_per_block has {len(tokens_per_block)} entries for a denoiser of depth {cfg.depth}")
+    if cfg.bottleneck_dim is None:
+        patch = cfg.patch_dim * c
+    else:
+        patch = cfg.patch_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * c
+    per_image = TIME_FREQ_DIM * c + c * c + c * 2 * c
+    flops = 2 * batch * (per_image + n_img * (patch + c * cfg.patch_dim) + n_txt * cfg.text_dim * c)
+    if cfg.resolution_embeds:
+        flops += 2 * (TIME_FREQ_DIM * c + c * c)
+    for n in tokens_per_block:
+        flops += block_matmul_flops(c, cfg.mlp_dim, batch, n, n_txt)
+    return flops

@@ -24,6 +24,7 @@ from torchmetrics import Metric
 
 from composer_prx import flow
 from composer_prx.data.imaging import normalise_image
+from composer_prx.model.dit import TRAIN_FLOP_FACTOR
 from composer_prx.model.text import TextEncoder
 
 GUIDANCE_MODES = ("none", "cfg", "tread")
@@ -209,7 +210,7 @@ class PRXModel(ComposerModel):
 
     # ---- throughput -----------------------------------------------------------------------------
     def flops_per_batch(self, batch: dict) -> int:
-        """FLOPs of one training batch: 3 x the denoiser's forward matmul FLOPs (forward + backward,
+        """FLOPs of one training batch: TRAIN_FLOP_FACTOR (3) x the denoiser's forward matmul FLOPs (forward + backward,
         counting the tokens each block really saw) + text_encoder_flops(batch) (forward only, frozen)."""
         x = batch["image"]
         b, _, h, w = x.shape
@@ -218,7 +219,7 @@ class PRXModel(ComposerModel):
         if not hasattr(self.denoiser, "matmul_flops"):
             raise NotImplementedError("the denoiser has no matmul_flops(batch, n_img, n_txt, tokens_per_block)")
         seen = [n or n_img for n in self._train_tokens] or None
-        return 3 * self.denoiser.matmul_flops(b, n_img, n_txt, seen) + self.text_encoder_flops(batch)
+        return TRAIN_FLOP_FACTOR * self.denoiser.matmul_flops(b, n_img, n_txt, seen) + self.text_encoder_flops(batch)
 
     def text_encoder_flops(self, batch: dict) -> int:
         """Forward FLOPs of the online text encoder on the batch's captions (0 with precomputed "text_emb").
