@@ -21,10 +21,14 @@ log = logging.getLogger(__name__)
 
 def evaluate_shapes(model, prompts: list[tuple[str, object]], size: int, steps: int, guidance: str,
                     guidance_scale: float, seed: int = 0, batch_size: int = 64) -> tuple[dict[str, float], torch.Tensor]:
-    """Generate each (caption, scene) once and average data.shapes.score over objects and scenes."""
+    """Generate each (caption, scene) once and average data.shapes.score over objects and scenes.
+
+    colour / position / shape: per-object recall; precision: per-image matched / detected objects (an
+    image with an object it was not asked for scores below 1); all: every object right and nothing extra.
+    """
     from composer_prx.data.shapes import score
 
-    flags = {"colour": [], "position": [], "shape": [], "all": []}
+    flags = {"colour": [], "position": [], "shape": [], "precision": [], "all": []}
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
@@ -37,6 +41,7 @@ def evaluate_shapes(model, prompts: list[tuple[str, object]], size: int, steps: 
             for obj in result["objects"]:
                 for key in ("colour", "position", "shape"):
                     flags[key].append(bool(obj[key]))
+            flags["precision"].append(result["precision"])
             flags["all"].append(result["all"] == 1.0)
     return {k: float(np.mean(v)) if v else float("nan") for k, v in flags.items()}, torch.cat(images)
 
@@ -45,7 +50,7 @@ class ShapesEval(Callback):
     """At the end of training (and every `interval`), score the held-out prompts of a shapes dataset.
 
     Up to `max_prompts` held-out scenes per object count, each generated `samples_per_prompt` times
-    (different noise), scored from the pixels; logged as shapes_eval/{1,2}obj/{colour,position,shape,all}.
+    (different noise), scored from the pixels; logged as shapes_eval/{1,2}obj/{colour,position,shape,precision,all}.
     """
 
     def __init__(self, root: str, size: int = 32, steps: int = 25, guidance: str = "cfg",
@@ -103,5 +108,5 @@ class ShapesEval(Callback):
 
     def summary(self) -> str:
         lines = [f"ShapesEval held-out {k}: colour {v['colour']:.2f}  position {v['position']:.2f}  "
-                 f"shape {v['shape']:.2f}  all-correct {v['all']:.2f}" for k, v in self.results.items()]
+                 f"shape {v['shape']:.2f}  precision {v['precision']:.2f}  all-correct {v['all']:.2f}" for k, v in self.results.items()]
         return "\n".join(lines)
