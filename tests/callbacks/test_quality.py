@@ -224,6 +224,7 @@ def test_heldout_set_reads_mds_and_image_folders_alike(tmp_path):
     assert torch.equal(folder.image(2, 16), mds.image(2, 16))
     assert torch.equal(mds.image(2, 16), torch.from_numpy(S.render(scenes[2], 16)).permute(2, 0, 1))
     assert mds.image(0, 8).shape == (3, 8, 8)
+    assert Q.HeldOutSet(str(tmp_path)).captions == mds.captions  # a dataset root: its MDS subfolders
     (tmp_path / "folder" / "999.png").write_bytes(S.encode_png(S.render(scenes[0], 16)))
     with pytest.raises(FileNotFoundError, match=r"without a caption file: \['999.png'\]"):
         Q.HeldOutSet(str(tmp_path / "folder"))
