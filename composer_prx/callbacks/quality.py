@@ -119,7 +119,8 @@ class ShapesEval(Callback):
 
     def summary(self) -> str:
         lines = [f"ShapesEval held-out {k}: colour {v['colour']:.2f}  position {v['position']:.2f}  "
-                 f"shape {v['shape']:.2f}  precision {v['precision']:.2f}  all-correct {v['all']:.2f}" for k, v in self.results.items()]
+                 f"shape {v['shape']:.2f}  precision {v['precision']:.2f}  all-correct {v['all']:.2f}"
+                 for k, v in self.results.items()]
         return "\n".join(lines)
 
 
@@ -200,7 +201,8 @@ def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> Te
 def fid_from_features(real: Tensor, fake: Tensor) -> Tensor:
     """FID: frechet_distance of the Gaussian fits (mean, unbiased covariance) of real [N, D] and fake [M, D]."""
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1] or len(real) < 2 or len(fake) < 2:
-        raise ValueError(f"FID needs at least 2 feature rows [N, D] per set, got {tuple(real.shape)}, {tuple(fake.shape)}")
+        raise ValueError(f"FID needs at least 2 feature rows [N, D] per set, got {tuple(real.shape)}, "
+                         f"{tuple(fake.shape)}")
     real, fake = real.double(), fake.double()
     return frechet_distance(real.mean(0), torch.cov(real.T), fake.mean(0), torch.cov(fake.T))
 
@@ -227,7 +229,7 @@ def _inception_embed(net: nn.Module, images: Tensor) -> Tensor:
 
 
 def fid_feature_net(feature: int | nn.Module = 2048, feature_extractor_weights_path: str | None = None) -> FeatureNet:
-    """FID's embedder: torchmetrics' InceptionV3 (`feature` in 64/192/768/2048) or your module taking uint8 [B, 3, H, W].
+    """FID's embedder: torchmetrics' InceptionV3 (`feature`: 64/192/768/2048) or a module taking uint8 [B, 3, H, W].
 
     The Inception weights come from `feature_extractor_weights_path` (torch-fidelity's
     pt_inception-2015-12-05 .pth file), else torch-fidelity downloads them into the torch hub cache.
@@ -588,5 +590,6 @@ class QualityEval(Callback):
         lines = [f"QualityEval ema={e or 'none'} guidance_scale={w}: "
                  + "  ".join(f"{m} {v:.4g}" for m, v in r.items()) for (e, w), r in self.results.items()]
         if self.best is not None:
-            lines.append(f"QualityEval best by {self.select}: ema={self.best[0] or 'none'} guidance_scale={self.best[1]}")
+            ema, scale = self.best
+            lines.append(f"QualityEval best by {self.select}: ema={ema or 'none'} guidance_scale={scale}")
         return "\n".join(lines)

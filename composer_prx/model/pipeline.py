@@ -312,7 +312,7 @@ class PRXModel(ComposerModel):
     @staticmethod
     def _noise(seed: int | list[int], shape: tuple[int, ...], device: torch.device
                ) -> tuple[Tensor, torch.Generator]:
-        """fp32 noise [B, 3, H, W] from one seed, or row i from its own seed[i]; and the generator routing draws from."""
+        """fp32 noise [B, 3, H, W] from one seed, or row i from its own seed[i]; and the generator for routing."""
         if isinstance(seed, int):
             gen = torch.Generator(device=device).manual_seed(seed)
             return torch.randn(shape, generator=gen, device=device), gen

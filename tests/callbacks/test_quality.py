@@ -242,7 +242,7 @@ def test_quality_eval_end_to_end_with_ema_sweep(tmp_path, live_model, clip_dir, 
     write_heldout(tmp_path, n=5)
     batch = image_batch(4, size=16)
     samples = [{"image": batch["image"][i], "caption": batch["caption"][i]} for i in range(4)]
-    callback = Q.QualityEval(str(tmp_path / "folder"), num_samples=5, size=16, steps=2, batch_size=2,
+    callback = Q.QualityEval(str(tmp_path / "folder"), num_samples=5, size=16, steps=2, batch_size=8,
                              fid_feature=PooledPixels(), clip=str(clip_dir), dino=str(dino_dir), dino_size=16,
                              sweep={"guidance_scale": [1.0, 3.0], "ema": "all"}, interval="2ba")
     memory = InMemoryLogger()
