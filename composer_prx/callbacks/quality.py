@@ -487,7 +487,8 @@ class QualityEval(Callback):
     # ---- setup --------------------------------------------------------------------------------------
     def fit_start(self, state: State, logger: Logger) -> None:
         check_size_fits(state.model, self.size, "QualityEval")
-        self._heldout()  # a wrong path fails now, not at the first evaluation
+        self._heldout()  # a wrong data path or missing weights fail now, not at the first evaluation
+        self.feature_nets(next(unwrap(state.model).parameters()).device)
 
     def _heldout(self) -> tuple[HeldOutSet, list[int]]:
         """The held-out set (read once) and the indices scored."""

@@ -155,13 +155,19 @@ def test_each_metric_is_zero_on_identical_sets_and_grows_along_a_noise_ladder(cl
         assert all(b > a for a, b in zip(scores, scores[1:])), (name, scores)
 
 
-def test_clip_and_dino_load_by_path_with_a_clear_error_when_absent(tmp_path):
+def test_clip_and_dino_load_by_path_with_a_clear_error_when_absent(tmp_path, tiny_model):
+    from types import SimpleNamespace
+
     from composer_prx.encoders import TeacherNotFoundError
 
     with pytest.raises(TeacherNotFoundError, match="CLIP vision .*pass the local folder"):
         Q.clip_feature_net(str(tmp_path / "no_clip"))
     with pytest.raises(TeacherNotFoundError):
         Q.dino_feature_net(str(tmp_path / "no_dino"))
+    write_heldout(tmp_path, n=2)
+    callback = Q.QualityEval(str(tmp_path / "folder"), metrics=["cmmd"], clip=str(tmp_path / "no_clip"), size=16)
+    with pytest.raises(TeacherNotFoundError, match="no_clip"):  # at fit start, not at the first evaluation
+        callback.fit_start(SimpleNamespace(model=tiny_model), logger=None)
 
 
 # ---- split over ranks, seeds, sampler precision -------------------------------------------------------
