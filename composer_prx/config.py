@@ -59,6 +59,7 @@ CALLBACKS = {
     "runtime_estimator": "composer.callbacks:RuntimeEstimator",
     "samples": "composer_prx.callbacks.samples:SampleGrid",
     "shapes_eval": "composer_prx.callbacks.quality:ShapesEval",
+    "quality_eval": "composer_prx.callbacks.quality:QualityEval",
     "update_rms": "composer_prx.optim.muon:UpdateRMSMonitor",
     "data_stats": "composer_prx.data.dataset:CorruptSampleCounter",
     "time_budget": "composer_prx.callbacks.budget:TimeBudget",

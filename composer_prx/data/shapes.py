@@ -312,9 +312,14 @@ def score(image: Any, scene: Scene) -> dict[str, Any]:
     ~1/3 of a nominal triangle's area; position when its centroid lies in the named cell; shape from the
     best-fitting ideal shape (``classify_shape``) on the blob's coverage (dilated by 1 px for its edges).
 
+    Precision: every blob of any palette colour at least that large is a detected object; those not
+    matched to an expected object are extras (a second shape, a stray colour). precision = matched /
+    detected (1.0 when nothing is detected), and "all" needs no extras as well as every object right.
+
     image: uint8 [H, W, 3] or float [H, W, 3] in [0, 1]. Returns {"objects": [per-object dict],
-    "colour"/"position"/"shape": fraction of objects right, "all": 1.0 if everything is right,
-    "accuracy": mean of all per-object booleans}.
+    "colour"/"position"/"shape": fraction of objects right (recall), "extra": unmatched detected objects,
+    "precision", "all": 1.0 if every object is right and nothing else is there, "accuracy": mean of all
+    per-object booleans}.
     """
     from scipy import ndimage
 
@@ -324,12 +329,16 @@ def score(image: Any, scene: Scene) -> dict[str, Any]:
     cell_h, cell_w = height / 3.0, width / 3.0
     min_area = max(4.0, 0.16 * (OBJECT_EXTENT * cell_h) * (OBJECT_EXTENT * cell_w))
     colour_names = list(COLOURS)
+    blobs_of = {}  # palette index -> (components [H, W], blob sizes [count])
+    for k in range(len(colour_names)):
+        components, count = ndimage.label(labels == k)
+        blobs_of[k] = components, np.bincount(components.ravel(), minlength=count + 1)[1:]
+    detected = int(sum((sizes >= min_area).sum() for _, sizes in blobs_of.values()))
     results: list[dict[str, Any]] = [{} for _ in scene.objects]
     for colour in sorted({o.colour for o in scene.objects}):
         k = colour_names.index(colour)
         wanted = [i for i, o in enumerate(scene.objects) if o.colour == colour]
-        components, count = ndimage.label(labels == k)
-        sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+        components, sizes = blobs_of[k]
         blobs = [components == lab + 1 for lab in np.argsort(-sizes)[: len(wanted)] if sizes[lab] >= min_area]
         centroids = [tuple(np.argwhere(b).mean(axis=0) + 0.5) for b in blobs]
         for i in wanted:  # greedy: each expected object takes the closest unclaimed blob
@@ -352,8 +361,11 @@ def score(image: Any, scene: Scene) -> dict[str, Any]:
     for key in ("colour", "position", "shape"):
         summary[key] = float(np.mean([r[key] for r in results]))
     flags = [r[k] for r in results for k in ("colour", "position", "shape")]
+    matched = sum(bool(r["colour"]) for r in results)
+    summary["extra"] = detected - matched
+    summary["precision"] = matched / detected if detected else 1.0
     summary["accuracy"] = float(np.mean(flags))
-    summary["all"] = float(all(flags))
+    summary["all"] = float(all(flags) and summary["extra"] == 0)
     return summary
 
 

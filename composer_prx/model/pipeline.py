@@ -250,7 +250,7 @@ class PRXModel(ComposerModel):
         steps: int = 25,
         guidance: str = "cfg",
         guidance_scale: float | None = None,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         method: str = "euler",
         shift: float | None = None,
         text: tuple[Tensor, Tensor] | None = None,
@@ -262,6 +262,8 @@ class PRXModel(ComposerModel):
         "tread" (self-guidance)  out = routed + w (dense - routed), both with the prompt, routed over
         tread_route (a (start, end, ratio) triple or a list of routes; default the trained route).
         guidance_scale w defaults to DEFAULT_GUIDANCE_SCALE[guidance] (cfg 4.0, tread 1.5).
+        seed: one seed for the batch's noise, or one per sample (sample i's noise then depends on seed[i]
+        only, not on its batch). The sampler state stays fp32 under any autocast.
         """
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {guidance!r}")
@@ -279,20 +281,19 @@ class PRXModel(ComposerModel):
         cond, cond_mask = text[0].to(device), text[1].to(device).bool()
         prompt_mask = None if all_real else cond_mask  # guidance none / tread: nothing to mask
         b = cond.shape[0]
-        gen = torch.Generator(device=device).manual_seed(seed)
-        noise = torch.randn((b, 3, height, width), generator=gen, device=device)
+        noise, gen = self._noise(seed, (b, 3, height, width), device)
 
-        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:  # fp32 out whatever the autocast: guidance in fp32
             if guidance == "none":
-                return self.call_denoiser(x_t, t, cond, prompt_mask)
+                return self.call_denoiser(x_t, t, cond, prompt_mask).float()
             if guidance == "cfg":
                 both = self.call_denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]),
                                           torch.cat([cond_mask, torch.zeros_like(cond_mask)]))
-                x_cond, x_uncond = both.chunk(2)
+                x_cond, x_uncond = both.float().chunk(2)
                 return flow.guide(x_cond, x_uncond, scale)
             with routing.suspended():
-                dense = self.call_denoiser(x_t, t, cond, prompt_mask)
-            routed = self.call_denoiser(x_t, t, cond, prompt_mask)
+                dense = self.call_denoiser(x_t, t, cond, prompt_mask).float()
+            routed = self.call_denoiser(x_t, t, cond, prompt_mask).float()
             return flow.guide(dense, routed, scale)
 
         was_training = self.training
@@ -308,6 +309,22 @@ class PRXModel(ComposerModel):
         finally:
             self.train(was_training)
         return ((images.clamp(-1, 1) + 1) / 2).float()
+
+    @staticmethod
+    def _noise(seed: int | list[int], shape: tuple[int, ...], device: torch.device
+               ) -> tuple[Tensor, torch.Generator]:
+        """fp32 noise [B, 3, H, W] from one seed, or row i from its own seed[i]; and the generator for routing."""
+        if isinstance(seed, int):
+            gen = torch.Generator(device=device).manual_seed(seed)
+            return torch.randn(shape, generator=gen, device=device), gen
+        seeds = [int(s) for s in seed]
+        if len(seeds) != shape[0]:
+            raise ValueError(f"generate got {len(seeds)} seeds for {shape[0]} prompts; give one seed or one per prompt")
+        rows = []
+        for s in seeds:
+            gen = torch.Generator(device=device).manual_seed(s)
+            rows.append(torch.randn(shape[1:], generator=gen, device=device))
+        return torch.stack(rows), torch.Generator(device=device).manual_seed(seeds[0])
 
     def guidance_routes(self, tread_route: Any = None) -> list:
         """The routes TREAD self-guidance uses: `tread_route` if given, else the ones training recorded."""

@@ -61,6 +61,24 @@ def test_score_is_perfect_on_ground_truth(size, count):
     assert S.score(image.astype(np.float32) / 255.0, scenes[0])["all"] == 1.0  # float [0, 1] input
 
 
+def test_score_counts_extra_objects_against_precision():
+    """A two-object image does not pass a one-object prompt: the unasked-for object is an extra."""
+    pairs = [p for p in S.heldout_scenes(2) if p.objects[0].colour != p.objects[1].colour][:20]
+    for pair in pairs:
+        image = S.render(pair, 32)
+        full = S.score(image, pair)
+        assert full["all"] == 1.0 and full["extra"] == 0 and full["precision"] == 1.0
+        for obj in pair.objects:
+            one = S.score(image, S.Scene((obj,)))
+            assert one["colour"] == one["position"] == one["shape"] == 1.0  # recall alone would pass it
+            assert one["extra"] == 1 and one["precision"] == 0.5 and one["all"] == 0.0
+    twins = S.Scene.of(("red", "circle", "top left"), ("red", "circle", "bottom right"))  # same colour too
+    single = S.score(S.render(twins, 32), S.Scene.of(("red", "circle", "top left")))
+    assert single["extra"] == 1 and single["all"] == 0.0
+    blank = S.score(np.full((32, 32, 3), 255, dtype=np.uint8), S.Scene.of(("red", "circle", "top")))
+    assert blank["extra"] == 0 and blank["precision"] == 1.0 and blank["all"] == 0.0  # nothing seen, nothing extra
+
+
 def test_score_rejects_noise_and_wrong_attributes():
     rng, scenes = _random_scenes(60, seed=1)
     noise = [S.score(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), s)["accuracy"] for s in scenes]
