@@ -33,6 +33,8 @@ _PUBLIC = {
     "Muon": "composer_prx.optim.muon",
     "muon_param_groups": "composer_prx.optim.muon",
     "export_checkpoint": "composer_prx.export",
+    "MetricsFileLogger": "composer_prx.report",
+    "write_report": "composer_prx.report",
 }
 
 __all__ = sorted(_PUBLIC)
