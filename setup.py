@@ -19,6 +19,7 @@ setup(
         "pillow>=10",
         "scipy>=1.10",
         "pyarrow>=14",
+        "matplotlib>=3.7",  # composer_prx.report's curves (Agg backend)
     ],
     extras_require={
         # diffusers 0.39.0: the newest release beside transformers<5 (0.40+ needs huggingface-hub>=1.23);

@@ -38,6 +38,8 @@ _PUBLIC = {
     "muon_param_groups": "composer_prx.optim.muon",
     "export_checkpoint": "composer_prx.export",
     "make_plan": "composer_prx.plan",
+    "MetricsFileLogger": "composer_prx.report",
+    "write_report": "composer_prx.report",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -24,6 +24,7 @@ from composer_prx.data.dataset import CorruptSampleCounter
 from composer_prx.model.dit import PixelDiT
 from composer_prx.model.pipeline import PRXModel
 from composer_prx.model.text import load_text_encoder
+from composer_prx.report import LOG_NAME, MetricsFileLogger
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
     if "data_stats" not in cfg.callbacks:  # unreadable samples are always counted and logged per epoch
         callbacks.append(CorruptSampleCounter())
     loggers = [C.resolve("loggers", n)(**kw) for n, kw in cfg.loggers.items()]
+    loggers.append(MetricsFileLogger(str(folder / LOG_NAME)))  # every run: what `composer_prx.report` reads
     t = cfg.trainer
     if t.compile:
         model.denoiser.compile()

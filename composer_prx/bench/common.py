@@ -1,12 +1,14 @@
-"""Shared pieces of the benchmarks: the reference geometry, a fixed batch, medians, matmul peak."""
+"""Shared pieces of the benchmarks: the reference geometry, a fixed batch, medians, matmul peak, result rows."""
 
 from __future__ import annotations
 
+import operator
 import socket
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -93,3 +95,41 @@ def bare_step(model: PRXModel, optimizer: torch.optim.Optimizer, batch: dict) ->
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured quantity of a bench beside its goal: it passes when `value op bound` holds."""
+
+    bench: str
+    name: str
+    value: float | None  # None: not measured this run (`note` says why)
+    op: str  # "<=", ">=", "<" or ">"
+    bound: float
+    note: str = ""
+
+    def __post_init__(self):
+        if self.op not in _OPS:
+            raise ValueError(f"Row {self.name!r}: op must be one of {sorted(_OPS)}, got {self.op!r}")
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.value is None else _OPS[self.op](self.value, self.bound)
+
+    @property
+    def goal(self) -> str:
+        return f"{self.op} {self.bound:g}"
+
+
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+
+
+def rows_table(rows: list[Row]) -> str:
+    """Rows -> one markdown table: bench, quantity, measured, goal, pass."""
+    lines = ["| bench | quantity | measured | goal | pass |", "| --- | --- | ---: | --- | --- |"]
+    for row in rows:
+        value = "n/a" if row.value is None else f"{row.value:.3f}"
+        verdict = {True: "yes", False: "**no**", None: "not measured"}[row.passed]
+        note = f" ({row.note})" if row.note else ""
+        lines.append(f"| `{row.bench}` | {row.name}{note} | {value} | {row.goal} | {verdict} |")
+    return "\n".join(lines)

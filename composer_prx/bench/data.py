@@ -15,6 +15,10 @@ import time
 
 import numpy as np
 
+from composer_prx.bench.common import Row
+
+QUICK_ARGS = ["--samples", "8", "--steps", "3"]  # `bench all --quick`
+
 
 def _write_jpeg_bucket(root: str, size: int, count: int, shard_size: int = 1 << 26) -> None:
     from PIL import Image
@@ -152,13 +156,18 @@ def quickstart_ratio(steps: int, step_seconds: float | None) -> tuple[float, flo
     return data_seconds, step_seconds
 
 
-def main(argv: list[str]) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line of `python -m composer_prx.bench data`."""
     parser = argparse.ArgumentParser(prog="python -m composer_prx.bench data")
     parser.add_argument("--samples", type=int, default=48, help="stored images per size")
     parser.add_argument("--steps", type=int, default=10, help="quickstart batches to time")
     parser.add_argument("--step-seconds", type=float, default=None,
                         help="use this training-step time instead of measuring the quickstart model")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> list[Row]:
+    args = arguments().parse_args(argv)
     import torch
 
     threads = torch.get_num_threads()
@@ -179,3 +188,6 @@ def main(argv: list[str]) -> None:
     print(f"  data per batch {data_s * 1000:7.2f} ms | training step {step_s * 1000:8.1f} ms | "
           f"data wait = {100 * data_s / (data_s + step_s):.2f}% of step time | "
           f"loader {32 / data_s:,.0f} samples/s vs step consumes {32 / step_s:,.0f} samples/s")
+    return [Row("data", "quickstart data wait / (data + step) time", data_s / (data_s + step_s), "<", 0.05),
+            Row("data", "bytes read per node / dataset bytes (max of 2 nodes, 2 decimals as printed)",
+                round(max(per_node) / total, 2), "<=", 0.5)]

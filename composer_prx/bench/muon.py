@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from composer_prx.bench.common import (REFERENCE, composer_launch, matmul_peak_gflops, median, reference_batch,
+from composer_prx.bench.common import (REFERENCE, Row, composer_launch, matmul_peak_gflops, median, reference_batch,
                                        reference_model, synchronize, timed)
 from composer_prx.optim import build_adamw, build_muon, muon_param_groups, newton_schulz, newton_schulz_flops
 
 WORKER_FLAG = "--fsdp-worker"
+QUICK_ARGS = ["--rounds", "1", "--opt-repeats", "1", "--steps", "1"]  # `bench all --quick`
 VARIANTS_A = {
     "adamw": {},
     "muon (recipe)": {},
@@ -34,7 +35,7 @@ VARIANTS_A = {
 }
 
 
-def single_process(rounds: int, opt_repeats: int, batch_size: int) -> None:
+def single_process(rounds: int, opt_repeats: int, batch_size: int) -> list[Row]:
     """(a): interleaved rounds; each round one fwd+bwd per model, then `opt_repeats` timed optimizer steps."""
     batch = reference_batch(batch_size)
     models = {name: reference_model(seed=0) for name in VARIANTS_A}
@@ -74,12 +75,17 @@ def single_process(rounds: int, opt_repeats: int, batch_size: int) -> None:
             for p in group["params"]:
                 shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
     print(f"    Muon matrices (recipe): {dict(shapes)}")
+    recipe = median(opt_step["muon (recipe)"])
+    predicted = getattr(optimizers["muon (recipe)"], "ns_flops", 0) / 1e9 / peak
+    return [Row("muon", "(a) Muon (recipe) / AdamW step time", (fb + recipe) / (fb + adam_step), "<=", 1.40),
+            Row("muon", "(a) Muon's extra opt.step time / its Newton–Schulz FLOPs' prediction",
+                (recipe - adam_step) / predicted, "<=", 1.1)]
 
 
 # ---- (b) FSDP2 ---------------------------------------------------------------------------------------
 
 
-def fsdp(world: int, steps: int, muon_fsdp2_native: bool) -> None:
+def fsdp(world: int, steps: int, muon_fsdp2_native: bool) -> list[Row]:
     cmd = composer_launch(world, "-m", "composer_prx.bench.muon", WORKER_FLAG,
                           json.dumps({"steps": steps, "native": muon_fsdp2_native}))
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -100,6 +106,18 @@ def fsdp(world: int, steps: int, muon_fsdp2_native: bool) -> None:
         print(f"    {row['name']:<44}{row['step_s']:>11.3f}  {flops:<20}{mats:<10}{mem:>15}")
     for note in result["notes"]:
         print(f"    note: {note}")
+    by_name = {row["name"]: row for row in result["rows"]}
+    ours = by_name["ours, plain NS iteration (fp32)"]
+    theirs = next(row for name, row in by_name.items() if name.startswith("muon-fsdp2"))
+    rows = [Row("muon", f"(b) FSDP2 Newton–Schulz FLOPs of the busiest rank / (total / {world})",
+                round(max(ours["flops"]) / (sum(ours["flops"]) / world), 6), "<=", 1.0)]
+    if theirs.get("skipped"):
+        rows.append(Row("muon", "(b) FSDP2 opt.step time: ours / muon-fsdp2", None, "<=", 1.0,
+                        note=f"muon-fsdp2 {theirs['skipped']}"))
+    else:
+        rows.append(Row("muon", "(b) FSDP2 opt.step time: ours / muon-fsdp2", ours["step_s"] / theirs["step_s"],
+                        "<=", 1.0))
+    return rows
 
 
 def _status_kib(field: str) -> float | None:
@@ -218,10 +236,8 @@ def _fsdp_worker(config: dict) -> None:
     dist.destroy_process_group()
 
 
-def main(argv: list[str]) -> None:
-    if argv and argv[0] == WORKER_FLAG:
-        _fsdp_worker(json.loads(argv[1]))
-        return
+def arguments() -> argparse.ArgumentParser:
+    """The command line of `python -m composer_prx.bench muon`."""
     parser = argparse.ArgumentParser(prog="python -m composer_prx.bench muon")
     parser.add_argument("--part", choices=("a", "b", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=3, help="(a) interleaved rounds (one fwd+bwd per optimizer each)")
@@ -231,11 +247,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=3, help="(b) timed optimizer steps per variant")
     parser.add_argument("--muon-fsdp2-native", action="store_true",
                         help="(b) run muon-fsdp2's own bf16 + torch.compile Newton-Schulz (slow on CPU)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> list[Row]:
+    if argv and argv[0] == WORKER_FLAG:
+        _fsdp_worker(json.loads(argv[1]))
+        return []
+    args = arguments().parse_args(argv)
+    rows = []
     if args.part in ("a", "both"):
-        single_process(args.rounds, args.opt_repeats, args.batch)
+        rows += single_process(args.rounds, args.opt_repeats, args.batch)
     if args.part in ("b", "both"):
-        fsdp(args.world, args.steps, args.muon_fsdp2_native)
+        rows += fsdp(args.world, args.steps, args.muon_fsdp2_native)
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ import time
 import torch
 
 from composer_prx.algorithms.perceptual import DinoPerceptualLoss, LpipsLoss, target_size
-from composer_prx.bench.common import REFERENCE, matmul_peak_gflops, median, reference_batch, reference_model
+from composer_prx.bench.common import REFERENCE, Row, matmul_peak_gflops, median, reference_batch, reference_model
 
 DINO_TEACHER = "timm:vit_base_patch14_reg4_dinov2"
+QUICK_ARGS = ["--rounds", "1", "--sizes", "256"]  # `bench all --quick`
 
 
 def _random_vgg16_file(folder: str) -> str:
@@ -37,7 +38,8 @@ def _random_vgg16_file(folder: str) -> str:
     return path
 
 
-def main(argv: list[str]) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line of `python -m composer_prx.bench perceptual`."""
     parser = argparse.ArgumentParser(prog="python -m composer_prx.bench perceptual")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three paths")
     parser.add_argument("--batch", type=int, default=2)
@@ -46,7 +48,11 @@ def main(argv: list[str]) -> None:
                         help="LpipsLoss resolution as a scale (PRX: 0.5); default full resolution")
     parser.add_argument("--dino-resolution", type=int, default=224, help="DinoPerceptualLoss shorter side (PRX 224)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: keep the default)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> list[Row]:
+    args = arguments().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -64,6 +70,7 @@ def main(argv: list[str]) -> None:
           f"at shorter side {args.dino_resolution}")
     print(f"{'px':>4} {'path':<6} {'step s':>8} {'extra s':>8} {'net GFLOP':>10} {'pred. s':>8} {'meas/pred':>9}"
           f" {'pred@peak s':>11} {'meas/pred@peak':>14}   steps (wall s)")
+    rows = []
     for size in args.sizes:
         batch = reference_batch(args.batch, resolution=size)
         models = {name: reference_model(seed=0) for name in ("bare", *losses)}
@@ -106,6 +113,9 @@ def main(argv: list[str]) -> None:
             print(f"{size:>4} {name:<6} {step_s:>8.3f} {extra:>8.3f} {net_flops[name] / 1e9:>10.1f} "
                   f"{predicted:>8.3f} {extra / predicted:>9.3f} {at_peak:>11.3f} {extra / at_peak:>14.3f}   "
                   f"{' '.join(f'{s:.2f}' for s in times[name])}")
+            rows.append(Row("perceptual", f"{name} at {size} px: extra step time / predicted", extra / predicted,
+                            "<=", 1.1))
         print(f"     bare step {rate / 1e9:.1f} GFLOP/s, plain matmul {peak / 1e9:.1f} GFLOP/s")
     print("predicted extra = 3 x net forward FLOPs / the bare step's achieved FLOP/s (pred@peak: / the plain "
           "matmul's); goal meas/pred <= 1.1")
+    return rows

@@ -18,12 +18,14 @@ import time
 import torch
 
 from composer_prx.algorithms.repa import Repa, projector_flops
-from composer_prx.bench.common import REFERENCE, alternate, median, reference_batch, reference_model
+from composer_prx.bench.common import REFERENCE, Row, alternate, median, reference_batch, reference_model
 
 TEACHERS = {"vit-s16": "timm:vit_small_patch16_dinov3", "vit-b16": "timm:vit_base_patch16_dinov3"}
+QUICK_ARGS = ["--rounds", "1"]  # `bench all --quick`
 
 
-def main(argv: list[str]) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line of `python -m composer_prx.bench repa`."""
     parser = argparse.ArgumentParser(prog="python -m composer_prx.bench repa")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved plain/REPA pairs per teacher")
     parser.add_argument("--batch", type=int, default=8)
@@ -31,13 +33,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: keep the default)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> list[Row]:
+    args = arguments().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = reference_batch(args.batch)
     threads = torch.get_num_threads()
     print(f"reference geometry {REFERENCE}, batch {args.batch}, fp32, {threads} threads, {args.rounds} rounds, "
           f"REPA block {args.block}, projector hidden {args.hidden}, teachers random-init")
+    rows = []
     for key in args.teachers:
         model = reference_model(seed=0)
         repa = Repa(TEACHERS[key], block=args.block, hidden=args.hidden, teacher_weights="random")
@@ -81,3 +88,6 @@ def main(argv: list[str]) -> None:
             measured = with_repa / plain
             print(f"  {name:<14} plain {plain:7.3f} s  REPA {with_repa:7.3f} s  measured {measured:.3f}x  "
                   f"measured/predicted {measured / predicted:.3f}  (goal <= 1.1)")
+            rows.append(Row("repa", f"{key}: measured / predicted cost ({name.split(' ')[0]} time)",
+                            measured / predicted, "<=", 1.1))
+    return rows

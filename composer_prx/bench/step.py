@@ -13,8 +13,10 @@ import time
 import torch
 from composer import Callback, Trainer
 
-from composer_prx.bench.common import (REFERENCE, bare_step, matmul_peak_gflops, median, reference_batch,
+from composer_prx.bench.common import (REFERENCE, Row, bare_step, matmul_peak_gflops, median, reference_batch,
                                        reference_model, timed)
+
+QUICK_ARGS = ["--rounds", "1", "--steps", "1"]  # `bench all --quick`
 
 
 class _StepTimer(Callback):
@@ -35,12 +37,17 @@ def _adamw(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 
 
-def main(argv: list[str]) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line of `python -m composer_prx.bench step`."""
     parser = argparse.ArgumentParser(prog="python -m composer_prx.bench step")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="steps per round and path")
     parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> list[Row]:
+    args = arguments().parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     batch = reference_batch(args.batch)
 
@@ -74,3 +81,5 @@ def main(argv: list[str]) -> None:
     print(f"trainer / bare ratio: {composer_s / bare_s:.3f}  (goal <= 1.05)")
     print(f"matmul FLOPs per step: {flops / 1e9:.1f} GFLOP; achieved {achieved:.1f} GFLOP/s; "
           f"plain matmul peak {peak:.1f} GFLOP/s -> {achieved / peak:.1%} of peak (goal >= 70%; PRX ~63%, 4.2 s)")
+    return [Row("step", "Composer Trainer / bare PyTorch step time", composer_s / bare_s, "<=", 1.05),
+            Row("step", "step's matmul GFLOP/s / plain 2048² matmul's", achieved / peak, ">=", 0.70)]

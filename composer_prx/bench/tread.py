@@ -19,10 +19,13 @@ import time
 import torch
 
 from composer_prx.algorithms.tread import apply_tread
-from composer_prx.bench.common import REFERENCE, alternate, bare_step, median, reference_batch, reference_model
+from composer_prx.bench.common import REFERENCE, Row, alternate, bare_step, median, reference_batch, reference_model
+
+QUICK_ARGS = ["--rounds", "1"]  # `bench all --quick`
 
 
-def main(argv: list[str]) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line of `python -m composer_prx.bench tread`."""
     parser = argparse.ArgumentParser(prog="python -m composer_prx.bench tread")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved dense/routed pairs")
     parser.add_argument("--batch", type=int, default=8)
@@ -31,7 +34,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: keep the default); with 1, CPU time is a load-independent clock")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> list[Row]:
+    args = arguments().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = reference_batch(args.batch)
@@ -68,11 +75,14 @@ def main(argv: list[str]) -> None:
           f"image tokens per block (routed): {routed_tokens}")
     print(f"matmul FLOPs fwd+bwd: dense {dense_flops / 1e9:.1f} GFLOP, routed {routed_flops / 1e9:.1f} GFLOP "
           f"-> predicted speedup {predicted:.3f}x")
+    realised = {}
     for name, clock in (("wall", wall), (f"CPU ({threads} thr)", cpu)):
         dense_med, routed_med = median(clock[False]), median(clock[True])
-        realised = dense_med / routed_med
-        print(f"{name:<14} dense {dense_med:7.3f} s  routed {routed_med:7.3f} s  realised {realised:.3f}x  "
-              f"realised/predicted {realised / predicted:.3f}  (steps dense "
+        realised[name] = dense_med / routed_med
+        print(f"{name:<14} dense {dense_med:7.3f} s  routed {routed_med:7.3f} s  realised {realised[name]:.3f}x  "
+              f"realised/predicted {realised[name] / predicted:.3f}  (steps dense "
               f"{' '.join(f'{s:.2f}' for s in clock[False])}; routed {' '.join(f'{s:.2f}' for s in clock[True])})")
     print(f"goals: realised >= predicted; routed wall step <= 2.39 s (PRX 2.66 s routed, 1.59x vs 1.54x "
           f"predicted); this run's routed wall step {median(wall[True]):.3f} s")
+    return [Row("tread", "realised / predicted speedup (wall clock)", realised["wall"] / predicted, ">=", 1.0),
+            Row("tread", f"routed step s (wall clock, batch {args.batch})", median(wall[True]), "<=", 2.39)]
