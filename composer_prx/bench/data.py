@@ -3,7 +3,8 @@
 Prints (1) decoded + resized samples/s of one worker (the in-process dataset path, num_workers=0)
 for JPEG samples stored at 512 and 1024 px, (1b) 1024 px stored -> 512 px trained: JPEG draft decoding
 (the dataset's path) next to a full decode + resize (the previous path), and (2) for the quickstart (shapes at 32 px, batch 32,
-the quickstart PixelDiT): seconds per batch spent loading vs in the training step, and the ratio.
+the quickstart PixelDiT): seconds per batch spent loading vs in the training step, and the ratio;
+(3) bytes of shards each of 2 and 3 simulated nodes reads in one epoch, node-partitioned vs one partition.
 """
 
 from __future__ import annotations
@@ -89,32 +90,34 @@ def downscale_rates(count: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def node_traffic(nodes: int = 2, ranks_per_node: int = 1) -> tuple[list[int], int]:
-    """(bytes of shards each simulated node's ranks read in one epoch, total dataset bytes).
+def node_traffic(node_counts: tuple[int, ...] = (2, 3), ranks_per_node: int = 2,
+                 canonical: tuple[int | None, ...] = (None, 1)) -> tuple[dict[tuple, list[int]], int]:
+    """({(nodes, num_canonical_nodes): bytes of shards each simulated node reads in one epoch}, total bytes).
 
-    Simulates the epoch plan for ``nodes`` x ``ranks_per_node`` ranks and sums the sizes of the
-    distinct shards holding each node's samples (what a node downloads with an empty cache).
+    Simulates the epoch plan for nodes x ``ranks_per_node`` ranks (num_canonical_nodes None: the node
+    count; 1: one shard partition for all nodes, the plan before node partitioning) on 192 JPEGs in two
+    buckets, about 7 per shard, and sums the sizes of the distinct shards holding each node's samples
+    (what a node downloads with an empty cache).
     """
     from streaming.base.world import World
 
-    from composer_prx.data.dataset import build_dataset
+    from composer_prx.data.dataset import _generate_bucket_work, build_dataset
 
+    per_node: dict[tuple, list[int]] = {}
     with tempfile.TemporaryDirectory() as root:
-        _write_jpeg_bucket(root, 256, 96, shard_size=1 << 16)
+        _write_jpeg_bucket(root, 256, 120, shard_size=1 << 18)
+        _write_jpeg_bucket(root, 128, 72, shard_size=1 << 16)
         dataset = build_dataset(None, root, batch_size=4, resolution=256, patch_size=32, shuffle=True, seed=0)
-        world = World(num_nodes=nodes, ranks_per_node=ranks_per_node, workers_per_rank=1, worker=0)
-        from composer_prx.data.dataset import _generate_bucket_work
-
-        work = _generate_bucket_work(dataset, world, 0, 0)  # [nodes, ranks_per_node, workers, batches, B]
         shard_bytes = [shard.get_raw_size() for shard in dataset.shards]
-        per_node = []
-        for node in range(nodes):
-            ids = work[node][work[node] >= 0]
-            shards = {int(dataset.spanner[int(i)][0]) for i in ids}
-            per_node.append(sum(shard_bytes[s] for s in shards))
-        total = sum(shard_bytes)
+        for nodes in node_counts:
+            for count in canonical:
+                dataset.num_canonical_nodes = count
+                world = World(num_nodes=nodes, ranks_per_node=ranks_per_node, workers_per_rank=1, worker=0)
+                work = _generate_bucket_work(dataset, world, 0, 0)  # [nodes, ranks_per_node, workers, batches, B]
+                shards = [{int(dataset.spanner[int(i)][0]) for i in node[node >= 0]} for node in work]
+                per_node[nodes, count] = [sum(shard_bytes[s] for s in node) for node in shards]
         del dataset
-    return per_node, total
+    return per_node, sum(shard_bytes)
 
 
 def quickstart_ratio(steps: int, step_seconds: float | None) -> tuple[float, float]:
@@ -179,9 +182,11 @@ def main(argv: list[str]) -> list[Row]:
     draft, full = downscale_rates(args.samples)
     print(f"  1024 -> 512 px: {draft:8.1f} samples/s/worker with JPEG draft decoding vs {full:8.1f} with a full "
           f"decode ({draft / full:.2f}x)")
-    per_node, total = node_traffic(2)
-    print(f"bytes read per node, 2 simulated nodes x 1 rank, one epoch: {per_node} of {total} "
-          f"({[round(b / total, 2) for b in per_node]} of the data; goal 0.5 each)")
+    traffic, total = node_traffic()
+    for (nodes, canonical), per_node in traffic.items():
+        label = "num_canonical_nodes = nodes" if canonical is None else f"num_canonical_nodes = {canonical}"
+        print(f"bytes read per node, {nodes} simulated nodes x 2 ranks, one epoch, {label}: {per_node} of {total} "
+              f"({[round(b / total, 3) for b in per_node]} of the data; goal {1 / nodes:.3f} each)")
     torch.set_num_threads(threads)
     data_s, step_s = quickstart_ratio(args.steps, args.step_seconds)
     print("quickstart (shapes 32 px, batch 32, num_workers=0):")

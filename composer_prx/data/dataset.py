@@ -8,15 +8,27 @@
                                                         [3,H,W]; caption column by weight  "text_mask" [B,T] bool}
 
 Epoch plan (batching method ``prx_buckets``, registered with mosaicml-streaming):
-each bucket's samples are ordered by streaming's shard-local shuffle (seed, epoch; independent of the
-world size), cut into global batches of ``batch_size * world_size`` samples, and the batches of all
-buckets are interleaved by a seeded permutation. A bucket's last batch may be smaller: its samples are
-spread evenly over the ranks, so every sample is seen exactly once per epoch and nothing is dropped
-(a tail smaller than the world size borrows from the batch before it). Repeats happen only where a bucket
-tail cannot feed every rank: with ``batch_size=1``, each bucket whose size is not a multiple of the
-world size repeats (-size mod world) samples; with larger batches, only a bucket with fewer samples
-than ranks does (warning, naming the bucket). Every rank yields the same number of batches, one bucket
-per step. The order depends on (seed, epoch) only, not on the world size or node count.
+each bucket's samples are ordered by streaming's shard-local shuffle over C = ``num_canonical_nodes``
+canonical nodes (default: the physical node count P; C must be a multiple or a divisor of P): canonical
+node c holds a contiguous span of shards, samples [n c / C, n (c + 1) / C) of the bucket's order. As in
+streaming, node p owns canonical nodes p, p + P, ... (C >= P; C < P: the P / C nodes p = c, c + C, ...
+share canonical node c). A bucket is cut into global batches of ``batch_size * world_size`` samples and
+the batches of all buckets are interleaved by a seeded permutation; each node's ranks fill their part of
+every batch from the node's own samples, in order, so a node reads ~1/P of the shards (1/C when C < P).
+A bucket's last batch may be smaller: its samples are spread evenly over the ranks (each rank
+floor or ceil of size / ranks; the ranks that get one more are chosen on the nodes with the most own
+samples left), so every sample is seen exactly once per epoch and nothing is dropped (a tail smaller
+than the world size borrows from the batch before it). Crossings (a sample read by a node that does
+not own it, at the bucket's tail): none when C = P or C divides P, for any bucket of >= P samples;
+with C = k P at most (k - 1)(P - 1) per bucket of >= C samples (``bucket_plan`` returns the count).
+A shard straddling a canonical boundary is read by both nodes (<= C - 1 shards per bucket).
+Repeats happen only where a bucket tail cannot feed every rank: with ``batch_size=1``, each bucket whose
+size is not a multiple of the world size repeats (-size mod world) samples; with larger batches, only a
+bucket with fewer samples than ranks does (warning, naming the bucket); a node repeats its own samples
+(another node's only in a bucket with fewer samples than nodes or canonical nodes). Every rank yields
+the same number of batches, one bucket per step. The order depends on (seed, epoch, C) only, not on
+the ranks per node; with one node it is the same as before partitioning. Another node count with the
+same world size and C gives every global batch the same samples except a bucket's last two.
 Resumption: Composer saves ``state_dict(samples_seen_in_epoch)``; the plan is rebuilt and continues
 after the last completed global batch; a checkpoint at an epoch boundary (0 samples) continues with
 the next epoch.
@@ -80,41 +92,147 @@ PAD = _Pad()
 # ---------------------------------------------------------------------------------------------------
 # Epoch plan
 # ---------------------------------------------------------------------------------------------------
-def _bucket_order(dataset: "ImageCaptionDataset", stream_id: int, epoch: int) -> np.ndarray:
-    """Global sample ids of one bucket in this epoch's order (shard-local shuffle, world independent)."""
+def canonical_nodes(dataset: "ImageCaptionDataset", num_nodes: int) -> int:
+    """The plan's canonical node count: ``dataset.num_canonical_nodes``, else the physical node count."""
+    count = dataset.num_canonical_nodes or num_nodes
+    if count % num_nodes and num_nodes % count:
+        raise ValueError(f"num_canonical_nodes={count} does not split over {num_nodes} physical nodes: one must "
+                         "be a multiple of the other; set num_canonical_nodes to a multiple of the node count "
+                         "(a checkpoint keeps the count it was saved with)")
+    return count
+
+
+def _bucket_order(dataset: "ImageCaptionDataset", stream_id: int, epoch: int, num_canonical: int) -> np.ndarray:
+    """Global sample ids of one bucket in this epoch's order (shard-local shuffle, world independent).
+
+    Slice c = order[n c // C : n (c + 1) // C] holds canonical node c's samples: a contiguous span of
+    shards (streaming's own division, in its seeded shard order; a shard may straddle two slices).
+    """
     first_shard = dataset.shard_offset_per_stream[stream_id]
     shard_sizes = dataset.samples_per_shard[first_shard: first_shard + dataset.shards_per_stream[stream_id]]
     offset = dataset.sample_offset_per_stream[stream_id]
     if not dataset.shuffle:
         return offset + np.arange(int(shard_sizes.sum()), dtype=np.int64)
     block = dataset.shuffle_block_size or (1 << 18)
-    order = get_shuffle(dataset.shuffle_algo, shard_sizes, 1, dataset.shuffle_seed + 7919 * stream_id, epoch, block)
+    parts = max(1, min(num_canonical, int(shard_sizes.sum())))  # streaming refuses an empty canonical node
+    order = get_shuffle(dataset.shuffle_algo, shard_sizes, parts, dataset.shuffle_seed + 7919 * stream_id, epoch,
+                        block)
     return offset + order.astype(np.int64)
 
 
-def _bucket_batches(order: np.ndarray, batch_size: int, num_ranks: int, name: str) -> list[np.ndarray]:
-    """Cut one bucket's ordered ids into global batches; every batch has >= num_ranks samples."""
+def _interleave(parts: list[np.ndarray]) -> np.ndarray:
+    """Round-robin merge: part 0's first, part 1's first, ..., part 0's second, ...; longer parts run on."""
+    ids = np.concatenate(parts)
+    rounds = np.concatenate([np.arange(len(p)) for p in parts])
+    which = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
+    return ids[np.lexsort((which, rounds))]
+
+
+def node_pools(order: np.ndarray, num_canonical: int, num_nodes: int) -> list[np.ndarray]:
+    """One bucket's ordered ids -> each physical node's own samples (streaming's canonical-node mapping).
+
+    C >= P: node p owns canonical nodes p, p + P, p + 2P, ... interleaved; C < P: the P / C nodes
+    p = c, c + C, ... share canonical node c, node p taking every (P / C)-th of its samples.
+    """
+    bounds = len(order) * np.arange(num_canonical + 1) // num_canonical
+    slices = [order[bounds[c]: bounds[c + 1]] for c in range(num_canonical)]
+    if num_canonical >= num_nodes:
+        return [_interleave(slices[p::num_nodes]) for p in range(num_nodes)]
+    share = num_nodes // num_canonical
+    return [slices[p % num_canonical][p // num_canonical:: share] for p in range(num_nodes)]
+
+
+def _bucket_batch_sizes(num_samples: int, batch_size: int, num_ranks: int, name: str) -> list[int]:
+    """Global batch sizes of one bucket: full ``batch_size * num_ranks``, then a tail of >= num_ranks.
+
+    A tail smaller than the world borrows from the batch before it (batch_size >= 2), else the bucket
+    repeats samples (sum of the sizes - num_samples of them, with a warning).
+    """
     global_batch = batch_size * num_ranks
-    batches = [order[i: i + global_batch] for i in range(0, len(order), global_batch)]
-    tail = batches[-1]
-    if len(tail) < num_ranks:
-        if len(batches) > 1 and batch_size >= 2:
-            merged = np.concatenate([batches[-2], tail])  # re-split so both halves feed every rank
-            batches[-2:] = [merged[: len(merged) - num_ranks], merged[len(merged) - num_ranks:]]
+    sizes = [min(global_batch, num_samples - i) for i in range(0, num_samples, global_batch)]
+    if sizes[-1] < num_ranks:
+        if len(sizes) > 1 and batch_size >= 2:
+            merged = sizes[-2] + sizes[-1]  # re-split so both halves feed every rank
+            sizes[-2:] = [merged - num_ranks, num_ranks]
         else:
-            missing = num_ranks - len(tail)
             log.warning("bucket %s has %d samples in its last batch for %d ranks: repeating %d sample(s) "
-                        "so that every rank gets one", name, len(tail), num_ranks, missing)
-            batches[-1] = np.concatenate([tail, np.resize(order, missing)])
-    return batches
+                        "so that every rank gets one", name, sizes[-1], num_ranks, num_ranks - sizes[-1])
+            sizes[-1] = num_ranks
+    return sizes
 
 
-def epoch_batches(dataset: "ImageCaptionDataset", epoch: int, num_ranks: int) -> list[np.ndarray]:
-    """The epoch's global batches (arrays of sample ids), in training order, before resumption."""
-    per_bucket = [
-        _bucket_batches(_bucket_order(dataset, s, epoch), dataset.batch_size, num_ranks, dataset.bucket_names[s])
-        for s in range(dataset.num_streams)
-    ]
+def _tail_extras(sizes: list[int], surplus: np.ndarray, ranks_per_node: int) -> np.ndarray:
+    """[batches, nodes] ranks of each node that get one sample more (batch size mod ranks of them per batch).
+
+    Each extra goes to the node with the most own samples still unplaced (lowest node on ties), at most
+    one per rank, so nodes whose share of the canonical slices is larger keep their samples at home.
+    """
+    num_nodes = len(surplus)
+    num_ranks = num_nodes * ranks_per_node
+    extras = np.zeros((len(sizes), num_nodes), dtype=np.int64)
+    left = surplus.copy()
+    for g, size in enumerate(sizes):
+        for _ in range(size % num_ranks):
+            room = np.where(extras[g] < ranks_per_node, left, np.iinfo(np.int64).min)
+            node = int(np.argmax(room))
+            extras[g, node] += 1
+            left[node] -= 1
+    return extras
+
+
+def bucket_plan(pools: list[np.ndarray], sizes: list[int], batch_size: int, ranks_per_node: int
+                ) -> tuple[list[np.ndarray], int]:
+    """Fill one bucket's global batches from the node pools -> ([num_ranks, batch_size] ids, -1 = empty; crossings).
+
+    Rank r of node p takes its slots from pool p in order; a node whose pool runs short takes the surplus of
+    the others (the last samples of their pools, in node order), then, where the sizes repeat samples,
+    the first samples of its own pool again. ``crossings`` counts samples read by a node that does not own them.
+    """
+    num_nodes = len(pools)
+    num_ranks = num_nodes * ranks_per_node
+    base = np.array([s // num_ranks for s in sizes], dtype=np.int64)  # per rank
+    own = np.array([len(p) for p in pools], dtype=np.int64)
+    extras = _tail_extras(sizes, own - ranks_per_node * int(base.sum()), ranks_per_node)
+    demand = ranks_per_node * base[:, None] + extras  # [batches, nodes]
+    wanted = demand.sum(0)
+    spare = np.concatenate([p[w:] for p, w in zip(pools, wanted)])
+    slots, crossings = [], 0
+    for p, pool in enumerate(pools):
+        mine = pool[: wanted[p]]
+        borrowed = spare[: max(0, wanted[p] - len(mine))]
+        spare = spare[len(borrowed):]
+        crossings += len(borrowed)
+        again = wanted[p] - len(mine) - len(borrowed)
+        repeats = np.resize(pool if len(pool) else np.concatenate(pools), again)  # others': bucket < nodes
+        crossings += 0 if len(pool) else again
+        slots.append(np.concatenate([mine, borrowed, repeats]))
+    batches, taken = [], np.zeros(num_nodes, dtype=np.int64)
+    for g in range(len(sizes)):
+        batch = np.full((num_ranks, batch_size), -1, dtype=np.int64)
+        for p in range(num_nodes):
+            for r in range(ranks_per_node):
+                count = int(base[g] + (r < extras[g, p]))
+                batch[p * ranks_per_node + r, :count] = slots[p][taken[p]: taken[p] + count]
+                taken[p] += count
+        batches.append(batch)
+    return batches, crossings
+
+
+def epoch_batches(dataset: "ImageCaptionDataset", epoch: int, num_ranks: int, num_nodes: int = 1
+                  ) -> list[np.ndarray]:
+    """The epoch's global batches in training order, before resumption: [num_ranks, batch_size] ids, -1 = empty.
+
+    Ranks are numbered node-major (rank = node * ranks_per_node + rank_of_node), as streaming's World does.
+    """
+    if num_ranks % num_nodes:
+        raise ValueError(f"{num_ranks} ranks do not split evenly over {num_nodes} nodes")
+    num_canonical = canonical_nodes(dataset, num_nodes)
+    per_bucket = []
+    for s in range(dataset.num_streams):
+        order = _bucket_order(dataset, s, epoch, num_canonical)
+        sizes = _bucket_batch_sizes(len(order), dataset.batch_size, num_ranks, dataset.bucket_names[s])
+        pools = node_pools(order, num_canonical, num_nodes)
+        per_bucket.append(bucket_plan(pools, sizes, dataset.batch_size, num_ranks // num_nodes)[0])
     origins = np.concatenate([np.full(len(b), s, dtype=np.int64) for s, b in enumerate(per_bucket)])
     if dataset.shuffle:
         np.random.default_rng([dataset.shuffle_seed, epoch]).shuffle(origins)
@@ -128,7 +246,7 @@ def epoch_batches(dataset: "ImageCaptionDataset", epoch: int, num_ranks: int) ->
 
 def completed_batches(batches: list[np.ndarray], sample_in_epoch: int) -> int:
     """How many global batches ``sample_in_epoch`` real samples cover (rounded down, with a warning)."""
-    ends = np.cumsum([len(b) for b in batches])
+    ends = np.cumsum([int((b >= 0).sum()) for b in batches])
     done = int(np.searchsorted(ends, sample_in_epoch, side="right"))
     if sample_in_epoch and (done == 0 or ends[done - 1] != sample_in_epoch):
         log.warning("resuming at sample %d, which is not the end of a global batch; restarting from the "
@@ -139,16 +257,13 @@ def completed_batches(batches: list[np.ndarray], sample_in_epoch: int) -> int:
 def _generate_bucket_work(dataset: "ImageCaptionDataset", world: World, epoch: int,
                           sample_in_epoch: int) -> np.ndarray:
     """streaming batching hook: [nodes, ranks_per_node, workers_per_rank, batches_per_worker, B], -1 = empty."""
-    batches = epoch_batches(dataset, epoch, world.num_ranks)
+    batches = epoch_batches(dataset, epoch, world.num_ranks, world.num_nodes)
     batches = batches[completed_batches(batches, sample_in_epoch):]
     workers, batch_size = world.workers_per_rank, dataset.batch_size
     per_worker = max(1, math.ceil(len(batches) / workers))
     work = np.full((world.num_nodes, world.ranks_per_node, workers, per_worker, batch_size), -1, np.int64)
     for g, batch in enumerate(batches):  # global batch g is the (g // W)-th batch of worker g % W
-        parts = np.array_split(batch, world.num_ranks)
-        for rank, part in enumerate(parts):
-            node, rank_of_node = divmod(rank, world.ranks_per_node)
-            work[node, rank_of_node, g % workers, g // workers, : len(part)] = part
+        work[:, :, g % workers, g // workers] = batch.reshape(world.num_nodes, world.ranks_per_node, batch_size)
     return work
 
 
@@ -217,14 +332,19 @@ class ImageCaptionDataset(StreamingDataset):
                  shuffle: bool = True,
                  seed: int = 17, max_ratio: float = 2.0,
                  predownload: int | None = None, cache_limit: int | str | None = None,
-                 shuffle_algo: str = "py1e", shuffle_block_size: int | None = None) -> None:
+                 shuffle_algo: str = "py1e", shuffle_block_size: int | None = None,
+                 num_canonical_nodes: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_canonical_nodes is not None and num_canonical_nodes < 1:
+            raise ValueError(f"num_canonical_nodes must be >= 1 (or None: the physical node count), "
+                             f"got {num_canonical_nodes}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         super().__init__(streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
                          shuffle_algo=shuffle_algo, shuffle_block_size=shuffle_block_size,
-                         predownload=predownload, cache_limit=cache_limit, batching_method="per_stream")
+                         predownload=predownload, cache_limit=cache_limit, batching_method="per_stream",
+                         num_canonical_nodes=num_canonical_nodes)
         self.batching_method = BATCHING_METHOD  # registered above; streaming validates only its own names
         self.bucket_names = list(bucket_names)
         self.caption_columns = self._resolve_caption_columns(caption_columns)
@@ -550,7 +670,8 @@ def build_dataset(remote: str | None, local: str, batch_size: int, resolution: i
                   shuffle: bool = True, seed: int = 17,
                   caption_columns: str | list[str] | dict[str, float] | None = None,
                   max_ratio: float = 2.0, download_retry: int = 2, download_timeout: float = 60.0,
-                  predownload: int | None = None, cache_limit: int | str | None = None) -> ImageCaptionDataset:
+                  predownload: int | None = None, cache_limit: int | str | None = None,
+                  num_canonical_nodes: int | None = None) -> ImageCaptionDataset:
     """The ``ImageCaptionDataset`` behind ``build_dataloader`` (same arguments)."""
     local = os.fspath(local)
     names, recorded = discover_buckets(remote, local, download_timeout, download_retry)
@@ -566,7 +687,8 @@ def build_dataset(remote: str | None, local: str, batch_size: int, resolution: i
     return ImageCaptionDataset(streams=streams, bucket_names=[n or os.path.basename(local.rstrip("/")) for n in names],
                                batch_size=batch_size, resolution=resolution, patch_size=patch_size,
                                shuffle=shuffle, seed=seed, caption_columns=caption_columns,
-                               max_ratio=max_ratio, predownload=predownload, cache_limit=cache_limit)
+                               max_ratio=max_ratio, predownload=predownload, cache_limit=cache_limit,
+                               num_canonical_nodes=num_canonical_nodes)
 
 
 def build_dataloader(remote: str | None, local: str, batch_size: int, resolution: int, patch_size: int, *,
@@ -575,7 +697,8 @@ def build_dataloader(remote: str | None, local: str, batch_size: int, resolution
                      max_ratio: float = 2.0, download_retry: int = 2, download_timeout: float = 60.0,
                      predownload: int | None = None, cache_limit: int | str | None = None,
                      persistent_workers: bool = False, pin_memory: bool = False,
-                     prefetch_factor: int | None = None, image_dtype: str = "float32") -> ImageCaptionLoader:
+                     prefetch_factor: int | None = None, image_dtype: str = "float32",
+                     num_canonical_nodes: int | None = None) -> ImageCaptionLoader:
     """Per-device DataLoader of image–caption batches from MDS buckets (local path or s3:// / gs:// ...).
 
     remote: dataset root in object storage, or None to read ``local`` directly; local: cache / dataset
@@ -585,6 +708,8 @@ def build_dataloader(remote: str | None, local: str, batch_size: int, resolution
     caption_columns: a column name, a list (equal weights) or {column: weight}; default: the columns
     the converter recorded in buckets.json (equal weights), else data/columns.py's rule over the
     folder's string columns. image_dtype: "float32" (in [-1, 1]) or "uint8" (normalise on the device).
+    num_canonical_nodes: shard partitions of the epoch plan, each read by one node (default: the
+    physical node count; a multiple or divisor of it; kept by a checkpoint).
 
     Batches: {"image": float [B, 3, H, W] in [-1, 1], "caption": list[str], "corrupt_replaced": bool [B]}
     (+ "text_emb" [B, T, C], "text_mask" [B, T] bool when the shards carry embeddings). B is
@@ -593,7 +718,8 @@ def build_dataloader(remote: str | None, local: str, batch_size: int, resolution
     """
     dataset = build_dataset(remote, local, batch_size, resolution, patch_size, shuffle=shuffle, seed=seed,
                             caption_columns=caption_columns, max_ratio=max_ratio, download_retry=download_retry,
-                            download_timeout=download_timeout, predownload=predownload, cache_limit=cache_limit)
+                            download_timeout=download_timeout, predownload=predownload, cache_limit=cache_limit,
+                            num_canonical_nodes=num_canonical_nodes)
     extra = {} if num_workers == 0 else {"persistent_workers": persistent_workers,
                                          "prefetch_factor": prefetch_factor or 2}
     return ImageCaptionLoader(dataset, batch_size=batch_size, collate_fn=collate_samples, num_workers=num_workers,

@@ -31,11 +31,11 @@ def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
 
 
 def write_buckets(root, sizes: dict[tuple[int, int], int], corrupt: set[int] = frozenset(),
-                  extra_columns: dict[str, str] | None = None, make_extra=None) -> list[str]:
+                  extra_columns: dict[str, str] | None = None, make_extra=None, size_limit: int = 1 << 12) -> list[str]:
     """One MDS folder per (height, width) under root with captions "sample-<i>"; returns all captions.
 
     Samples whose global number is in ``corrupt`` get undecodable image bytes (their captions are
-    still returned). ``make_extra(i) -> dict`` fills ``extra_columns``.
+    still returned). ``make_extra(i) -> dict`` fills ``extra_columns``. ``size_limit``: shard bytes.
     """
     from streaming import MDSWriter
 
@@ -45,7 +45,7 @@ def write_buckets(root, sizes: dict[tuple[int, int], int], corrupt: set[int] = f
     for (height, width), count in sizes.items():
         name = f"h{height}_w{width}"
         buckets.append({"name": name, "height": height, "width": width, "num_samples": count})
-        with MDSWriter(out=os.path.join(root, name), columns=columns, size_limit=1 << 12) as writer:
+        with MDSWriter(out=os.path.join(root, name), columns=columns, size_limit=size_limit) as writer:
             for _ in range(count):
                 rng = np.random.default_rng(i)
                 pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
