@@ -33,6 +33,8 @@ _PUBLIC = {
     "Muon": "composer_prx.optim.muon",
     "muon_param_groups": "composer_prx.optim.muon",
     "export_checkpoint": "composer_prx.export",
+    "CaptionEmbedder": "composer_prx.data.text_embeddings",
+    "text_embedding_bytes_per_step": "composer_prx.data.text_embeddings",
 }
 
 __all__ = sorted(_PUBLIC)
