@@ -70,8 +70,8 @@ class CaptionEmbedder:
         """The trainer's loader (``load_text_encoder``) on ``device`` (default: the accelerator if any)."""
         from composer_prx.model.text import load_text_encoder
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # device selection
+        if device is None:  # the accelerator when there is one
+            device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
         return cls(load_text_encoder(name_or_path, max_length, getattr(torch, dtype)), device, batch_size)
 
     def manifest(self, caption_columns: list[str] | tuple[str, ...], encoder_dtype: str) -> dict[str, Any]:
