@@ -40,6 +40,8 @@ _PUBLIC = {
     "make_plan": "composer_prx.plan",
     "MetricsFileLogger": "composer_prx.report",
     "write_report": "composer_prx.report",
+    "CaptionEmbedder": "composer_prx.data.text_embeddings",
+    "text_embedding_bytes_per_step": "composer_prx.data.text_embeddings",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -177,6 +177,7 @@ class ModelSection:
     eval_t_values: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     init_seed: int | None = None
     init_from: str | None = None  # a diffusers PRXTransformer2DModel folder: start from its weights
+    compile: bool = False  # torch.compile each transformer block (PixelDiT.compile_blocks), not the whole model
 
 
 @dataclass
@@ -205,7 +206,6 @@ class TrainerSection:
     log_to_console: bool = False
     console_log_interval: str = "100ba"
     fsdp: dict[str, Any] | None = None  # FSDP2 settings ({} for defaults); always FSDP2, whatever FSDP_VERSION says
-    compile: bool = False
     dist_timeout: float = 300.0
 
 

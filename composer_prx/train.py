@@ -21,6 +21,7 @@ from composer_prx.algorithms.stages import StagedLoader, Stages, StageSection, s
 from composer_prx.callbacks.gloo_mean import GlooGradientMean
 from composer_prx.callbacks.resume import ExactResume
 from composer_prx.data.dataset import CorruptSampleCounter
+from composer_prx.data.text_embeddings import check_text_embeddings
 from composer_prx.model.dit import PixelDiT
 from composer_prx.model.pipeline import PRXModel
 from composer_prx.model.text import load_text_encoder
@@ -53,6 +54,11 @@ def build_prx_model(cfg: C.TrainConfig) -> PRXModel:
                 f"model.dit.text_dim is {m.dit.text_dim} but the text encoder {m.text_encoder.name_or_path!r} "
                 f"has hidden size {encoder.hidden_size}; set model.dit.text_dim={encoder.hidden_size}"
             )
+    if m.compile:
+        if not callable(getattr(denoiser, "compile_blocks", None)):
+            raise C.ConfigError(f"model.compile compiles each block of a PixelDiT; {type(denoiser).__name__} has no "
+                                "compile_blocks(); set model.compile=false")
+        denoiser.compile_blocks()
     return PRXModel(denoiser, encoder, time_sampling=m.time_sampling,
                     caption_dropout=m.caption_dropout, t_min=m.t_min, eval_t_values=tuple(m.eval_t_values))
 
@@ -98,6 +104,15 @@ def build_stages(cfg: C.TrainConfig) -> tuple[StagedLoader, Stages, list]:
     return loader, Stages(loader, stages, per_stage, microbatches), per_stage[0]
 
 
+def check_data_text_embeddings(cfg: C.TrainConfig, loader) -> None:
+    """Precomputed caption embeddings in the training data must come from the configured text encoder."""
+    dataset = getattr(loader.inner() if isinstance(loader, StagedLoader) else loader, "dataset", None)
+    info = getattr(dataset, "text_embeddings", None)
+    if info:
+        check_text_embeddings(info, cfg.model.text_encoder, cfg.model.dit.text_dim,
+                              getattr(dataset, "root", None) or "data.train")
+
+
 def drop_checkpoints_after_latest(folder: Path) -> list[Path]:
     """Autoresume after a kill: remove checkpoints newer than the one `latest-rank0.pt` points to.
 
@@ -137,6 +152,7 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
     else:
         train_loader = build_dataloader(cfg, cfg.data.train, cfg.data.global_batch_size, "train")
         algorithms = [C.resolve("algorithms", n)(**kw) for n, kw in cfg.algorithms.items()]
+    check_data_text_embeddings(cfg, train_loader)
     eval_loader = None
     if cfg.data.eval is not None:
         eval_loader = build_dataloader(cfg, cfg.data.eval, cfg.data.eval_batch_size or cfg.data.global_batch_size,
@@ -159,8 +175,6 @@ def build_trainer(cfg: C.TrainConfig) -> Trainer:
     loggers = [C.resolve("loggers", n)(**kw) for n, kw in cfg.loggers.items()]
     loggers.append(MetricsFileLogger(str(folder / LOG_NAME)))  # every run: what `composer_prx.report` reads
     t = cfg.trainer
-    if t.compile:
-        model.denoiser.compile()
     if t.autoresume and dist.get_local_rank() == 0:  # crash-safe: a half-written newer checkpoint goes
         drop_checkpoints_after_latest(folder / "checkpoints")
     dist.barrier()

@@ -1,7 +1,8 @@
 """Convert image–caption data to MDS, one folder per aspect-ratio bucket (local or s3:// gs:// ...).
 
     python -m composer_prx.data.convert INPUT [INPUT ...] --out OUT [--base-resolution 1024 --patch-size 32
-           --format jpeg --quality 95 --workers 4 --caption-columns caption prompt]
+           --format jpeg --quality 95 --workers 4 --caption-columns caption prompt
+           --text-encoder ID|PATH --text-max-length 256]
 
 Inputs (mixed freely):
     folder      images (jpg/jpeg/png/webp/bmp/tif/tiff/gif) with side-car captions: <stem>.txt -> column
@@ -11,7 +12,7 @@ Inputs (mixed freely):
 
     sample -> decode -> EXIF orientation, alpha on white (data/imaging.py) -> nearest bucket (data/buckets.py)
            -> resize to cover + centre crop -> encode ONCE -> OUT/h<H>_w<W>/ (MDS: image, captions, width,
-           height, source)
+           height, source; with --text-encoder also <caption column>_emb, bf16 [L, C]: data/text_embeddings.py)
 
 Caption columns follow the one rule of data/columns.py (caption, prompt, text, ..., *_caption) unless
 ``--caption-columns`` names them; the choice is recorded in OUT/buckets.json, which the dataset reads.
@@ -75,6 +76,9 @@ class ConvertConfig:
     min_side: int = 0  # reject images whose shorter side is smaller (0: keep all)
     shard_size: int = 1 << 26  # bytes per MDS shard before a new one starts
     background: tuple[int, int, int] = BACKGROUND  # transparent pixels are composited on this colour
+    text_encoder: str | None = None  # hub id or folder: also store every caption column's embeddings (<column>_emb)
+    text_max_length: int = 256  # tokens kept per caption (the trainer's model.text_encoder.max_length)
+    text_dtype: str = "float32"  # the encoder's weights while encoding (the stored embeddings are bf16)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -90,6 +94,10 @@ class ConvertConfig:
         object.__setattr__(self, "background", tuple(int(c) for c in self.background))
         if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
             raise ValueError(f"background must be an RGB triple in [0, 255], got {self.background}")
+        if self.text_max_length < 1:
+            raise ValueError(f"text_max_length must be >= 1, got {self.text_max_length}")
+        if self.text_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"text_dtype must be float32, bfloat16 or float16, got {self.text_dtype!r}")
 
 
 @dataclass
@@ -592,9 +600,12 @@ def _marker(inputs: list[str], cfg: ConvertConfig, image_column: str | None) -> 
 
 
 def convert(inputs: list[str], out: str, cfg: ConvertConfig = ConvertConfig(), workers: int = 1,
-            image_column: str | None = None, staging: str | None = None) -> ConvertSummary:
+            image_column: str | None = None, staging: str | None = None, text_device: str | None = None,
+            text_batch_size: int = 64) -> ConvertSummary:
     """Convert ``inputs`` into per-bucket MDS folders under ``out`` (local path or remote URL).
 
+    With ``cfg.text_encoder``, every caption column also gets ``<column>_emb``: the caption's real tokens
+    [L, C] as bf16 (data/text_embeddings.py), encoded on ``text_device`` in batches of ``text_batch_size``.
     Returns a ConvertSummary (also written to out/convert_summary.json). Idempotent via out/convert.json.
     """
     if not inputs:
@@ -607,15 +618,23 @@ def convert(inputs: list[str], out: str, cfg: ConvertConfig = ConvertConfig(), w
                               caption_columns=saved.get("caption_columns", []),
                               ignored_columns=saved.get("ignored_columns", []), skipped_existing=True)
     columns, ignored = choose_caption_columns(inputs, cfg.caption_columns)
+    embedder = None
+    if cfg.text_encoder is not None:  # loaded before anything is written: bad weights fail at once
+        from composer_prx.data.text_embeddings import CaptionEmbedder
+
+        embedder = CaptionEmbedder.load(cfg.text_encoder, cfg.text_max_length, cfg.text_dtype, text_device,
+                                        text_batch_size)
     output = _Output(out, staging)
     try:
         output.prepare()
-        summary = _write_buckets(inputs, output, cfg, tuple(columns), workers, image_column)
+        summary = _write_buckets(inputs, output, cfg, tuple(columns), workers, image_column, embedder)
         summary.caption_columns, summary.ignored_columns = columns, ignored
         manifest = {"buckets": [{"name": n, "height": Bucket.from_name(n).height, "width": Bucket.from_name(n).width,
                                  "num_samples": c} for n, c in sorted(summary.written.items())],
                     "caption_columns": columns, "format": cfg.format, "quality": cfg.quality,
                     "base_resolution": cfg.base_resolution, "patch_size": cfg.patch_size}
+        if embedder is not None:
+            manifest["text_embeddings"] = embedder.manifest(columns, cfg.text_dtype)
         output.write_json(BUCKETS_FILE, manifest)
         output.write_json(SUMMARY_FILE, {"written": summary.written, "rejected": summary.rejected,
                                          "caption_columns": columns, "ignored_columns": ignored})
@@ -628,11 +647,27 @@ def convert(inputs: list[str], out: str, cfg: ConvertConfig = ConvertConfig(), w
 
 
 def _write_buckets(inputs: list[str], output: _Output, cfg: ConvertConfig, columns: tuple[str, ...], workers: int,
-                   image_column: str | None) -> ConvertSummary:
+                   image_column: str | None, embedder: Any = None) -> ConvertSummary:
     mds_columns = {**{c: "str" for c in columns}, "image": "bytes", "width": "int", "height": "int",
                    "source": "str"}
+    if embedder is not None:
+        from composer_prx.data.text_embeddings import EMB_ENCODING, embedding_column
+
+        mds_columns.update({embedding_column(c): EMB_ENCODING for c in columns})
     summary = ConvertSummary()
     writers: dict[str, Any] = {}
+    pending: list[tuple[str, dict[str, Any]]] = []  # rows waiting for their caption embeddings
+
+    def flush() -> None:
+        if embedder is not None:
+            embedder.add_to_rows([row for _, row in pending], columns)
+        for bucket_name, row in pending:
+            if bucket_name not in writers:
+                writers[bucket_name] = output.writer(bucket_name, mds_columns, cfg.shard_size)
+            writers[bucket_name].write(row)
+            summary.written[bucket_name] = summary.written.get(bucket_name, 0) + 1
+        pending.clear()
+
     pool = None
     try:
         jobs = ((sample, cfg, columns) for sample in read_inputs(inputs, image_column))
@@ -647,10 +682,10 @@ def _write_buckets(inputs: list[str], output: _Output, cfg: ConvertConfig, colum
             if bucket_name is None:
                 summary.rejected.append((name, row))
                 continue
-            if bucket_name not in writers:
-                writers[bucket_name] = output.writer(bucket_name, mds_columns, cfg.shard_size)
-            writers[bucket_name].write(row)
-            summary.written[bucket_name] = summary.written.get(bucket_name, 0) + 1
+            pending.append((bucket_name, row))
+            if embedder is None or len(pending) >= embedder.batch_size:
+                flush()
+        flush()
     finally:
         for writer in writers.values():
             writer.finish()
@@ -678,14 +713,25 @@ def main(argv: list[str] | None = None) -> ConvertSummary:
                         help="RGB colour transparent pixels are composited on (default: white)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--staging", default=None, help="local folder to stream a remote output through")
+    parser.add_argument("--text-encoder", default=None, metavar="ID|PATH",
+                        help="also store each caption's embeddings (bf16, real tokens only) from this frozen encoder, "
+                             "the one model.text_encoder.name_or_path names")
+    parser.add_argument("--text-max-length", type=int, default=256,
+                        help="tokens kept per caption (= model.text_encoder.max_length)")
+    parser.add_argument("--text-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="encoder weights while encoding")
+    parser.add_argument("--text-device", default=None, help="device for the text encoder (default: GPU if any)")
+    parser.add_argument("--text-batch-size", type=int, default=64, help="captions per encoder forward")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = ConvertConfig(base_resolution=args.base_resolution, patch_size=args.patch_size, max_ratio=args.max_ratio,
                         format=args.format, quality=args.quality, min_side=args.min_side,
                         background=tuple(args.background),
-                        caption_columns=tuple(args.caption_columns) if args.caption_columns else None)
+                        caption_columns=tuple(args.caption_columns) if args.caption_columns else None,
+                        text_encoder=args.text_encoder, text_max_length=args.text_max_length,
+                        text_dtype=args.text_dtype)
     summary = convert(args.inputs, args.out, cfg, workers=args.workers, image_column=args.image_column,
-                      staging=args.staging)
+                      staging=args.staging, text_device=args.text_device, text_batch_size=args.text_batch_size)
     print(f"{args.out}: {summary.report()}")
     return summary
 

@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from composer.core import Callback, State
 from composer.loggers import Logger
 from streaming import Stream, StreamingDataset
@@ -69,6 +70,7 @@ from composer_prx.data.buckets import Bucket, nearest_bucket
 from composer_prx.data.columns import caption_columns_of, check_requested
 from composer_prx.data.convert import IN_PROGRESS
 from composer_prx.data.imaging import load_for_bucket, normalise_image
+from composer_prx.data.text_embeddings import from_bf16_bits
 
 log = logging.getLogger(__name__)
 
@@ -316,12 +318,14 @@ class ImageCaptionDataset(StreamingDataset):
     """StreamingDataset over image–caption MDS buckets; samples resized to ``resolution`` on the patch grid.
 
     Each sample -> {"image": uint8 [3, H, W], "caption": str, "corrupt_replaced": bool, optionally
-    "text_emb" [T, C] float and "text_mask" [T] bool}, where (H, W) is the bucket of the stored
+    "text_emb" [T, C] and "text_mask" [T] bool}, where (H, W) is the bucket of the stored
     image's aspect ratio at ``resolution`` (``buckets.nearest_bucket``), reached by scaling to cover
     and centre-cropping (aspect ratio kept), and the caption column is drawn by ``caption_columns``
     weights from an rng seeded by (seed, epoch, sample id). Precomputed embeddings are read from
-    columns ``<caption column>_emb`` / ``<caption column>_mask``. ``collate_samples`` + the loader
-    turn the pixels into float in [-1, 1].
+    columns ``<caption column>_emb`` / ``<caption column>_mask``: uint16 arrays are bf16 bits and stay
+    bf16 (``convert --text-encoder``: real tokens only, no mask column), others become float32;
+    ``text_embeddings`` is the encoder recorded in buckets.json (or None). ``collate_samples`` pads
+    embeddings to the batch's longest and the loader turns the pixels into float in [-1, 1].
 
     ``resolution`` may be changed between epochs (``set_resolution``); with persistent DataLoader
     workers, rebuild the loader instead (workers hold their own copy).
@@ -356,6 +360,8 @@ class ImageCaptionDataset(StreamingDataset):
         self._epoch = 0
         self._worker_plan = np.empty(0, dtype=np.int64)
         self._thread_error: BaseException | None = None
+        self.text_embeddings: dict[str, Any] | None = None  # buckets.json's record of the embeddings' encoder
+        self.root: str | None = None  # the dataset root build_dataset read (for messages)
 
     def _resolve_caption_columns(self, caption_columns: str | list[str] | dict[str, float] | None
                                  ) -> dict[str, float]:
@@ -519,7 +525,9 @@ class ImageCaptionDataset(StreamingDataset):
             raise CorruptSampleError(f"image is {width}x{height} but the sample records {recorded[0]}x{recorded[1]}")
         sample: dict[str, Any] = {"image": image_to_uint8(image), "caption": caption}
         if f"{column}_emb" in raw:
-            emb = torch.from_numpy(np.asarray(raw[f"{column}_emb"], dtype=np.float32).copy())  # [T, C]
+            stored = np.asarray(raw[f"{column}_emb"])
+            emb = (from_bf16_bits(stored) if stored.dtype == np.uint16  # bf16 bits (convert --text-encoder)
+                   else torch.from_numpy(stored.astype(np.float32)))  # [T, C]
             mask = raw.get(f"{column}_mask")
             sample["text_emb"] = emb
             sample["text_mask"] = (torch.from_numpy(np.asarray(mask).astype(bool)) if mask is not None
@@ -548,9 +556,12 @@ def collate_samples(items: list[dict[str, Any] | _Pad]) -> dict[str, Any]:
     if with_emb not in (0, len(samples)):
         raise ValueError(f"{with_emb} of {len(samples)} samples have precomputed text embeddings; "
                          "all or none of the chosen caption columns must carry <column>_emb")
-    if with_emb:
-        batch["text_emb"] = torch.stack([s["text_emb"] for s in samples])
-        batch["text_mask"] = torch.stack([s["text_mask"] for s in samples])
+    if with_emb:  # trimmed embeddings of different lengths: zeros after each caption, masked out
+        longest = max(s["text_emb"].shape[0] for s in samples)
+        batch["text_emb"] = torch.stack([F.pad(s["text_emb"], (0, 0, 0, longest - s["text_emb"].shape[0]))
+                                         for s in samples])
+        batch["text_mask"] = torch.stack([F.pad(s["text_mask"], (0, longest - s["text_mask"].shape[0]), value=False)
+                                          for s in samples])
     return batch
 
 
@@ -636,8 +647,8 @@ def _fetch_manifest(remote: str, local: str, download_timeout: float, download_r
 
 
 def discover_buckets(remote: str | None, local: str, download_timeout: float = 60.0,
-                     download_retry: int = 2) -> tuple[list[str], list[str] | None]:
-    """(bucket sub-folder names, recorded caption columns or None); names are [""] when the root is one MDS folder.
+                     download_retry: int = 2) -> tuple[list[str], dict[str, Any]]:
+    """(bucket sub-folder names, buckets.json or {}); names are [""] when the root is one MDS folder.
 
     With a remote, ``buckets.json`` (else ``index.json``) is fetched into ``local`` first (once per
     node, atomically). A conversion in progress or interrupted (buckets.json "status": "in_progress")
@@ -653,13 +664,13 @@ def discover_buckets(remote: str | None, local: str, download_timeout: float = 6
             raise RuntimeError(f"the dataset at {remote or local} is being written by composer_prx.data.convert, "
                                "or that conversion was interrupted (buckets.json says in_progress); wait for it "
                                "to finish or re-run the same convert command")
-        return [b["name"] for b in manifest["buckets"]], manifest.get("caption_columns")
+        return [b["name"] for b in manifest["buckets"]], manifest
     if os.path.exists(os.path.join(local, "index.json")):
-        return [""], None
+        return [""], {}
     if remote is None and os.path.isdir(local):
         names = sorted(d for d in os.listdir(local) if os.path.exists(os.path.join(local, d, "index.json")))
         if names:
-            return names, None
+            return names, {}
     where = f"remote {remote!r}" if remote else f"local {local!r}"
     raise FileNotFoundError(f"no MDS dataset at {where}: expected {BUCKETS_FILE}, index.json, or bucket folders "
                             "with index.json; create one with python -m composer_prx.data.convert "
@@ -674,7 +685,7 @@ def build_dataset(remote: str | None, local: str, batch_size: int, resolution: i
                   num_canonical_nodes: int | None = None) -> ImageCaptionDataset:
     """The ``ImageCaptionDataset`` behind ``build_dataloader`` (same arguments)."""
     local = os.fspath(local)
-    names, recorded = discover_buckets(remote, local, download_timeout, download_retry)
+    names, manifest = discover_buckets(remote, local, download_timeout, download_retry)
     if download_retry < 0:
         raise ValueError(f"download_retry must be >= 0 (re-attempts after a failed download), got {download_retry}")
     streams = [Stream(remote=None if remote is None else (_join(remote, n) if n else remote),
@@ -683,12 +694,15 @@ def build_dataset(remote: str | None, local: str, batch_size: int, resolution: i
                       download_retry=download_retry + 1, download_timeout=download_timeout)
                for n in names]
     if caption_columns is None:
-        caption_columns = recorded  # None: the dataset applies data/columns.py's rule to the shards
-    return ImageCaptionDataset(streams=streams, bucket_names=[n or os.path.basename(local.rstrip("/")) for n in names],
-                               batch_size=batch_size, resolution=resolution, patch_size=patch_size,
-                               shuffle=shuffle, seed=seed, caption_columns=caption_columns,
-                               max_ratio=max_ratio, predownload=predownload, cache_limit=cache_limit,
-                               num_canonical_nodes=num_canonical_nodes)
+        caption_columns = manifest.get("caption_columns")  # None: the dataset applies data/columns.py's rule
+    dataset = ImageCaptionDataset(streams=streams, bucket_names=[n or os.path.basename(local.rstrip("/")) for n in names],
+                                  batch_size=batch_size, resolution=resolution, patch_size=patch_size,
+                                  shuffle=shuffle, seed=seed, caption_columns=caption_columns,
+                                  max_ratio=max_ratio, predownload=predownload, cache_limit=cache_limit,
+                                  num_canonical_nodes=num_canonical_nodes)
+    dataset.text_embeddings = manifest.get("text_embeddings")
+    dataset.root = remote or local
+    return dataset
 
 
 def build_dataloader(remote: str | None, local: str, batch_size: int, resolution: int, patch_size: int, *,

@@ -18,6 +18,7 @@ to those tokens; per-image fields (timestep embedding, text tokens) pass through
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -174,6 +175,7 @@ class DiTBlock(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_dim, dim, bias=False)
         self.modulation = nn.Linear(dim, 6 * dim)
         self.tokens_seen = 0  # image tokens per sample in the last call (for honest FLOP counts)
+        self.compiled: str | None = None  # torch.compile backend of forward (PixelDiT.compile_blocks); hooks stay eager
 
     def _heads(self, x: Tensor) -> Tensor:
         """[B, N, C] -> [B, H, N, D]."""
@@ -181,8 +183,12 @@ class DiTBlock(nn.Module):
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: Tensor, ctx: BlockContext) -> Tensor:
+        self.tokens_seen = x.shape[1]
+        return (_compiled_block_compute(self.compiled) if self.compiled else DiTBlock.compute)(self, x, ctx)
+
+    def compute(self, x: Tensor, ctx: BlockContext) -> Tensor:
+        """The block's computation, x [B, N, C] -> [B, N, C] (``forward`` without its bookkeeping)."""
         b, n, c = x.shape
-        self.tokens_seen = n
         mod = self.modulation(F.silu(ctx.temb)).unsqueeze(1)  # [B, 1, 6C]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
 
@@ -207,6 +213,13 @@ class DiTBlock(nn.Module):
     def matmul_flops(self, batch: int, n_img: int, n_txt: int) -> int:
         """Forward matmul FLOPs of one call (block_matmul_flops with this block's widths)."""
         return block_matmul_flops(self.proj.in_features, self.down_proj.in_features, batch, n_img, n_txt)
+
+
+@functools.cache
+def _compiled_block_compute(backend: str):
+    """torch.compile(DiTBlock.compute), made once per backend and shared by every block (the block is an
+    argument, so one compiled graph serves all blocks of a shape, and copies of a model compile their own)."""
+    return torch.compile(DiTBlock.compute, backend=backend)
 
 
 class PixelDiT(nn.Module):
@@ -297,6 +310,16 @@ class PixelDiT(nn.Module):
         shift, scale = self.final_modulation(F.silu(ctx.temb)).unsqueeze(1).chunk(2, dim=-1)
         x = self.final_proj(torch.addcmul(shift, self.final_norm(x), 1 + scale))
         return unpatchify(x, p, height, width)
+
+    def compile_blocks(self, backend: str | None = "inductor") -> None:
+        """Run each transformer block's computation through torch.compile(backend=...) (model.compile: true);
+        None: eager again.
+
+        Only the blocks: the modules, their parameter names and their hooks (FSDP2's all-gathers, TREAD's
+        gather / scatter) stay as they are and run eagerly around the compiled code.
+        """
+        for block in self.blocks:
+            block.compiled = backend
 
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
         """FSDP2 (Composer asks the ComposerModel's children): each transformer block is its own unit."""

@@ -123,8 +123,8 @@ class PRXModel(ComposerModel):
         return self.text_encoder.encode(list(prompts), device=device)
 
     def text_conditioning(self, batch: dict, device: torch.device) -> tuple[Tensor, Tensor]:
-        if "text_emb" in batch:
-            text = batch["text_emb"].to(device)
+        if "text_emb" in batch:  # precomputed (bf16 from convert --text-encoder): fp32 like the encoder's output
+            text = batch["text_emb"].to(device).float()
             mask = batch.get("text_mask")
             mask = torch.ones(text.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device).bool()
             return text, mask
@@ -224,21 +224,13 @@ class PRXModel(ComposerModel):
     def text_encoder_flops(self, batch: dict) -> int:
         """Forward FLOPs of the online text encoder on the batch's captions (0 with precomputed "text_emb").
 
-        Measured with torch's FlopCounterMode on a [B, T] forward, once per shape (T = tokens of the
-        last training batch), attention through the math kernel, which the counter sees on every device.
+        ``TextEncoder.forward_flops`` on [B, T] (T = tokens of the last training batch), once per shape.
         """
         if "text_emb" in batch or self.text_encoder is None or not self._train_text_len:
             return 0
         shape = (len(batch["caption"]), self._train_text_len)
         if shape not in self._encoder_flops:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            from torch.utils.flop_counter import FlopCounterMode
-
-            model = self.text_encoder.model
-            ids = torch.zeros(shape, dtype=torch.long, device=self.text_encoder.device)
-            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-                model(input_ids=ids, attention_mask=torch.ones_like(ids))
-            self._encoder_flops[shape] = int(counter.get_total_flops())
+            self._encoder_flops[shape] = self.text_encoder.forward_flops(*shape)
         return self._encoder_flops[shape]
 
     # ---- sampling -------------------------------------------------------------------------------

@@ -111,6 +111,20 @@ class TextEncoder(nn.Module):
         out = self.model(input_ids=ids, attention_mask=mask)
         return out.last_hidden_state.float(), mask.bool()
 
+    def forward_flops(self, batch: int, tokens: int) -> int:
+        """FLOPs of one encoder forward on [batch, tokens] (what the online path adds to a training step).
+
+        Measured with torch's FlopCounterMode, attention through the math kernel, which the counter sees on
+        every device.
+        """
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        ids = torch.zeros((batch, tokens), dtype=torch.long, device=self.device)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return int(counter.get_total_flops())
+
 
 def load_text_encoder(name_or_path: str, max_length: int = 256, dtype: torch.dtype = torch.float32) -> TextEncoder:
     """Load once per (weights, max_length, dtype) and share the instance."""
