@@ -388,6 +388,9 @@ class Plan:
     usd_per_gpu_hour: float
     hours_budget: float
     text_source: str | None
+    # per stage: (encoder forward FLOPs per step if encoded online, embedding bytes per node per step if stored)
+    text_tradeoff: list[tuple[float | None, int]] = dataclasses.field(default_factory=list)
+    nodes: int = 1
 
     def hours(self, stage: StagePlan) -> float:
         return stage.total_flops / (self.gpus * self.gpu.peak_tflops * 1e12 * self.mfu) / 3600
@@ -406,7 +409,7 @@ class Plan:
 def make_plan(cfg: C.TrainConfig, *, gpus: int, gpu: str, mfu: float = 0.4, usd_per_gpu_hour: float = 2.0,
               hours: float = 24.0, peak_tflops: float | None = None, gpu_mem_gb: float | None = None,
               text_params: float | None = None, text_tokens: int | None = None,
-              precomputed_text: bool = False) -> Plan:
+              precomputed_text: bool = False, gpus_per_node: int = 8) -> Plan:
     """The plan of a loaded config on `gpus` GPUs of kind `gpu` (GPUS; peak_tflops / gpu_mem_gb override it)."""
     from composer_prx.algorithms.stages import StageSection, stage_algorithm_settings
 
@@ -438,7 +441,19 @@ def make_plan(cfg: C.TrainConfig, *, gpus: int, gpu: str, mfu: float = 0.4, usd_
         text = text_arch(cfg.model.text_encoder.name_or_path, text_params)
     n_txt = text_tokens or (cfg.model.text_encoder.max_length if cfg.model.text_encoder is not None else 256)
     plans = [plan_stage(cfg, s, a, counts, gpus, spec, text, n_txt) for s, a in zip(stages, per_stage)]
-    return Plan(plans, gpus, gpu, spec, mfu, usd_per_gpu_hour, hours, text.source if text else None)
+    nodes = -(-gpus // gpus_per_node)
+    tradeoff = []
+    if cfg.model.text_encoder is not None:  # online encoder FLOPs vs streaming precomputed embeddings
+        from composer_prx.data.text_embeddings import text_embedding_bytes_per_step
+
+        try:
+            online = text or text_arch(cfg.model.text_encoder.name_or_path, text_params)
+        except PlanError:
+            online = None
+        for stage in plans:
+            tradeoff.append((None if online is None else float(stage.global_batch * online.forward_flops(n_txt)),
+                             text_embedding_bytes_per_step(stage.global_batch, n_txt, cfg.model.dit.text_dim, nodes)))
+    return Plan(plans, gpus, gpu, spec, mfu, usd_per_gpu_hour, hours, text.source if text else None, tradeoff, nodes)
 
 
 # ---- output ---------------------------------------------------------------------------------------------
@@ -484,6 +499,13 @@ def render(plan: Plan) -> str:
     rows.append([f"largest microbatch in {USABLE_MEMORY:.0%} of {plan.gpu.memory_gb:g} GB (no / with checkpointing)"]
                 + [f"{s.max_microbatch} / {s.max_microbatch_ckpt}" for s in plan.stages])
     out += ["Memory per GPU (GB) under FSDP2", _table(["part"] + [s.name for s in plan.stages], rows), ""]
+    if plan.text_tradeoff:
+        rows = [[s.name, "-" if f is None else _num(f / 1e15), f"{b / 1e6:,.0f}",
+                 f"{b * s.batches / 1e12:,.1f}"] for s, (f, b) in zip(plan.stages, plan.text_tradeoff)]
+        out += [f"Captions: encode online, or stream embeddings precomputed by `convert --text-encoder` "
+                f"({plan.nodes} nodes, bf16, max_length tokens: an upper bound)",
+                _table(["stage", "encoder PFLOP per step (online)", "MB per node per step (stored)",
+                        "TB per node over the stage"], rows), ""]
     notes = [f"- {s.name}: {n}" for s in plan.stages for n in s.notes]
     if plan.text_source:
         notes.append(f"- text encoder: {plan.text_source}")
@@ -512,13 +534,14 @@ def main(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--text-params", type=float, default=None, help="text encoder matmul parameters")
     parser.add_argument("--text-tokens", type=int, default=None, help="caption tokens (default max_length)")
     parser.add_argument("--precomputed-text", action="store_true", help="batches carry text_emb: no encoder FLOPs")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="for the bytes each node streams")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = C.load_config(args.config, args.overrides)
         plan = make_plan(cfg, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu, usd_per_gpu_hour=args.usd_per_gpu_hour,
                          hours=args.hours, peak_tflops=args.peak_tflops, gpu_mem_gb=args.gpu_mem_gb,
                          text_params=args.text_params, text_tokens=args.text_tokens,
-                         precomputed_text=args.precomputed_text)
+                         precomputed_text=args.precomputed_text, gpus_per_node=args.gpus_per_node)
     except (C.ConfigError, PlanError) as err:
         parser.exit(2, f"error: {err}\n")
     print(render(plan))

@@ -136,3 +136,18 @@ def test_bad_gpu_name_lists_the_known_ones(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:
         P.main([RECIPE, "--gpus", "32", "--gpu", "h300"])
     assert exit_info.value.code == 2 and "known GPUs" in capsys.readouterr().err
+
+
+def test_caption_tradeoff_online_encoder_flops_vs_stored_embedding_bytes_per_node(recipe):
+    from composer_prx.data.text_embeddings import text_embedding_bytes_per_step
+
+    plan = P.make_plan(recipe, gpus=32, gpu="h200", gpus_per_node=8)
+    assert plan.nodes == 4
+    for stage, (flops, stored) in zip(plan.stages, plan.text_tradeoff):
+        assert flops == stage.flops["text encoder fwd"]  # what encoding online adds to the step
+        assert stored == text_embedding_bytes_per_step(stage.global_batch, 256, recipe.model.dit.text_dim, nodes=4)
+    stored = P.make_plan(recipe, gpus=32, gpu="h200", precomputed_text=True)
+    assert "text encoder fwd" not in stored.stages[0].flops
+    assert [f for f, _ in stored.text_tradeoff] == [f for f, _ in plan.text_tradeoff]  # the trade-off still shown
+    one_node = P.make_plan(recipe, gpus=8, gpu="h200").text_tradeoff[0][1]
+    assert one_node == pytest.approx(4 * plan.text_tradeoff[0][1], rel=1e-3)  # each of 4 nodes streams 1/4
