@@ -47,6 +47,7 @@ def test_ablate_runs_keeps_finished_arms_and_tables_them(tmp_path, data_root, ca
     argv = ["--seconds", "0.5", "--seeds", "1", "2", "--arms", "baseline", "+tread", "+lpips", "--out", str(out),
             "--data-root", str(data_root), "--set", *TINY]
     text = ablate.main(argv)
+    out = out / "0.5s"  # each budget keeps its own results
     results = sorted(p.name for p in (out / "results").iterdir())
     assert results == ["baseline-s1.json", "baseline-s2.json", "tread-s1.json", "tread-s2.json"]
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
@@ -59,5 +60,9 @@ def test_ablate_runs_keeps_finished_arms_and_tables_them(tmp_path, data_root, ca
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
     assert ablate.main(argv) == text  # a rerun keeps every finished (arm, seed): nothing trains again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == stamps
+    steps = ablate.main(["--batches", "2", "--seeds", "1", "--arms", "baseline", "--out", str(tmp_path / "ablate"),
+                         "--data-root", str(data_root), "--set", *TINY])
+    assert json.loads((tmp_path / "ablate" / "2ba" / "results" / "baseline-s1.json").read_text())["batches"] == 2
+    assert "batches (2 per run)" in steps
     with pytest.raises(SystemExit, match="unknown arms"):
         ablate.main(["--arms", "nope"])

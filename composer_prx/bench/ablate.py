@@ -1,7 +1,8 @@
 """python -m composer_prx.bench ablate: each technique alone over an AdamW baseline, and all of them, at equal wall time.
 
 Every arm trains yamls/quickstart.yaml on the shapes data for the same wall-clock budget (`--seconds`,
-callback `time_budget`), then ShapesEval scores the held-out prompts; each arm runs every seed:
+callback `time_budget`) or the same number of batches (`--batches`), then ShapesEval scores the held-out
+prompts; each arm runs every seed:
 
     arm = baseline (AdamW; no EMA, TREAD, REPA, perceptual loss) + its techniques
     table row = arm | batches in the budget | ShapesEval 1-/2-object scores, mean ± std over seeds | wall s
@@ -54,22 +55,23 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm.strip('+').replace(' ', '_')}-s{seed}"
 
 
-def run_arm(arm: str, seed: int, seconds: float, out: Path, data_root: str, teacher: str, lpips: str | None,
-            extra: list[str]) -> dict:
-    """Train one (arm, seed) in this process for `seconds`, score it, write and return its result."""
+def run_arm(arm: str, seed: int, seconds: float | None, out: Path, data_root: str, teacher: str, lpips: str | None,
+            extra: list[str], batches: int | None = None) -> dict:
+    """Train one (arm, seed) in this process for `seconds` (or `batches`), score it, write and return its result."""
     from composer_prx import train
 
     name = run_name(arm, seed)
+    budget = [f"trainer.max_duration={batches}ba"] if batches else [
+        "trainer.max_duration=1000000ba", f"callbacks.time_budget={{seconds: {seconds}}}"]
     overrides = [f"variables.data_root={data_root}", f"run_dir={out}/runs", f"run_name={name}", f"seed={seed}",
-                 "trainer.max_duration=1000000ba", "trainer.save_interval=1000000ba", "trainer.progress_bar=false",
-                 "callbacks.samples=null", f"callbacks.time_budget={{seconds: {seconds}}}",
+                 *budget, "trainer.save_interval=1000000ba", "trainer.progress_bar=false", "callbacks.samples=null",
                  *arm_overrides(arm, teacher, lpips), *extra]
     start = time.perf_counter()
     trainer = train.main([str(QUICKSTART), *overrides])
     wall = time.perf_counter() - start
     callbacks = {type(cb).__name__: cb for cb in trainer.state.callbacks}
-    result = {"arm": arm, "seed": seed, "seconds": seconds, "batches": int(trainer.state.timestamp.batch),
-              "wall_s": round(wall, 1), "scores": callbacks["ShapesEval"].results, "overrides": overrides}
+    result = {"arm": arm, "seed": seed, "seconds": None if batches else seconds,
+              "batches": int(trainer.state.timestamp.batch), "wall_s": round(wall, 1), "scores": callbacks["ShapesEval"].results, "overrides": overrides}
     path = out / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
@@ -83,9 +85,9 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
 
 
-def table(results: dict[str, list[dict]], skipped: dict[str, str], seconds: float) -> str:
+def table(results: dict[str, list[dict]], skipped: dict[str, str], budget: str) -> str:
     """Markdown: one row per arm (in ARMS order), scores as mean ± std over the seeds that ran."""
-    head = ["arm", "seeds", f"batches in {seconds:.0f} s", "1-obj colour", "1-obj position", "1-obj shape",
+    head = ["arm", "seeds", f"batches ({budget})", "1-obj colour", "1-obj position", "1-obj shape",
             "1-obj all right", "2-obj all right", "wall s / seed", "PRX Part 2 FID Δ"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for arm in ARMS:
@@ -105,6 +107,7 @@ def table(results: dict[str, list[dict]], skipped: dict[str, str], seconds: floa
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m composer_prx.bench ablate", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=150.0, help="training wall-clock budget per run")
+    parser.add_argument("--batches", type=int, default=None, help="equal steps instead: train every run this long")
     parser.add_argument("--seeds", type=int, nargs="+", default=[17, 18, 19])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"subset of {list(ARMS)}")
     parser.add_argument("--out", default="./runs/ablate", help="results (kept across reruns) and the table")
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> str:
     if unknown:
         raise SystemExit(f"unknown arms {unknown}; choose from {list(ARMS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = Path(args.out)
+    out = Path(args.out) / (f"{args.batches}ba" if args.batches else f"{args.seconds:g}s")  # one budget per folder
     teacher = str(Path(args.data_root) / "teacher")
     needs_teacher = any(set(ARMS[a]) & {"repa", "dino"} for a in args.arms)
     if needs_teacher and not (Path(teacher) / "config.json").is_file():
@@ -137,9 +140,9 @@ def main(argv: list[str] | None = None) -> str:
                 log.info("kept %s seed %d from %s", arm, seed, path)
             else:
                 result = run_arm(arm, seed, args.seconds, out, args.data_root, teacher, args.lpips_backbone,
-                                 args.set)
+                                 args.set, args.batches)
             results.setdefault(arm, []).append(result)
-    text = table(results, skipped, args.seconds)
+    text = table(results, skipped, f"{args.batches} per run" if args.batches else f"in {args.seconds:g} s")
     (out / "ablate.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "ablate.md").write_text(text + "\n")
     print(text)
