@@ -1,4 +1,4 @@
-"""python -m composer_prx.bench ablate: each technique alone over an AdamW baseline, and all of them, at equal wall time.
+"""python -m composer_prx.bench ablate: each technique over an AdamW baseline, and all of them, at an equal budget.
 
 Every arm trains yamls/quickstart.yaml on the shapes data for the same wall-clock budget (`--seconds`,
 callback `time_budget`) or the same number of batches (`--batches`), then ShapesEval scores the held-out
@@ -71,7 +71,8 @@ def run_arm(arm: str, seed: int, seconds: float | None, out: Path, data_root: st
     wall = time.perf_counter() - start
     callbacks = {type(cb).__name__: cb for cb in trainer.state.callbacks}
     result = {"arm": arm, "seed": seed, "seconds": None if batches else seconds,
-              "batches": int(trainer.state.timestamp.batch), "wall_s": round(wall, 1), "scores": callbacks["ShapesEval"].results, "overrides": overrides}
+              "batches": int(trainer.state.timestamp.batch), "wall_s": round(wall, 1),
+              "scores": callbacks["ShapesEval"].results, "overrides": overrides}
     path = out / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
