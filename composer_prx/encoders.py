@@ -233,6 +233,13 @@ def _load_timm(name: str, weights: str | None, model_kwargs: dict[str, Any]) -> 
                          mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
 
 
+def teacher_dtype(name: str, owner: str, allowed: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> torch.dtype:
+    """The torch dtype a frozen net's `teacher_dtype` setting names; a clear error for any other name."""
+    if name not in allowed:
+        raise ValueError(f"{owner} teacher_dtype must be one of {sorted(allowed)}, got {name!r}")
+    return getattr(torch, name)
+
+
 def load_vision_encoder(
     name_or_path: str,
     *,

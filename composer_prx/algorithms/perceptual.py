@@ -331,10 +331,10 @@ class DinoPerceptualLoss(_PerceptualLoss):
                              f"got {teacher!r}")
         if not isinstance(pooled, bool):
             raise ValueError(f"DinoPerceptualLoss pooled must be True or False, got {pooled!r}")
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-        if teacher_dtype not in dtypes:
-            raise ValueError(f"DinoPerceptualLoss teacher_dtype must be one of {sorted(dtypes)}, got {teacher_dtype!r}")
-        self.teacher_name, self.teacher_weights, self.teacher_dtype = teacher, teacher_weights, dtypes[teacher_dtype]
+        from composer_prx.encoders import teacher_dtype as parse_dtype
+
+        self.teacher_name, self.teacher_weights = teacher, teacher_weights
+        self.teacher_dtype = parse_dtype(teacher_dtype, "DinoPerceptualLoss", ("float32", "bfloat16"))
         self.pooled = pooled
         self._teacher: Any = None  # a VisionEncoder: a plain object, never part of a module tree
 

@@ -141,10 +141,10 @@ class Repa(Algorithm):
                 self.until = Time.from_timestring(until) if isinstance(until, str) else Time(int(until), TimeUnit.BATCH)
             except ValueError as err:
                 raise ValueError(f"REPA until={until!r} is not a Composer time string such as '100000ba' or '0.8dur'") from err
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if teacher_dtype not in dtypes:
-            raise ValueError(f"REPA teacher_dtype must be one of {sorted(dtypes)}, got {teacher_dtype!r}")
-        self.teacher_name, self.teacher_weights, self.teacher_dtype = teacher, teacher_weights, dtypes[teacher_dtype]
+        from composer_prx.encoders import teacher_dtype as parse_dtype
+
+        self.teacher_name, self.teacher_weights = teacher, teacher_weights
+        self.teacher_dtype = parse_dtype(teacher_dtype, "REPA")
         self.block, self.weight, self.hidden, self.width = block, float(weight), hidden, width
         self.teacher = None  # VisionEncoder, loaded at prepare / INIT
         self.teacher_forwards = 0
