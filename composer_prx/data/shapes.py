@@ -465,13 +465,15 @@ def caption_texts() -> list[str]:
 
 def build_shapes_dataloader(batch_size: int, resolution: int, patch_size: int, root: str, *, n_train: int = 20000,
                             size: int | None = None, seed: int = 17, split: str = "train", num_workers: int = 0,
-                            data_seed: int = 0, text_encoder: bool = True):
+                            data_seed: int = 0, text_encoder: bool = True, teacher_steps: int = 0):
     """Write the shapes data under ``root`` if needed (local rank 0) and return its DataLoader.
 
     size: rendering size (default: ``resolution``). split: "train" (shuffled) or "eval" (held-out
     scenes, in order). data_seed: rendering seed (``seed`` shuffles). With ``text_encoder`` a tiny
     word-level encoder over the shapes vocabulary is written to ``root/text_encoder`` when absent
-    (``model.text.save_word_level_encoder`` defaults: hidden 64). Batches as ``dataset.build_dataloader``.
+    (``model.text.save_word_level_encoder`` defaults: hidden 64). With ``teacher_steps`` > 0 the stand-in
+    REPA / DINO teacher (``shapes_teacher``) is trained for that many steps into ``root/teacher`` when
+    absent, so a config can name it. Batches as ``dataset.build_dataloader``.
     """
     from composer.utils import dist
 
@@ -489,6 +491,15 @@ def build_shapes_dataloader(batch_size: int, resolution: int, patch_size: int, r
                 shutil.rmtree(encoder_dir + ".tmp")
             save_word_level_encoder(encoder_dir + ".tmp", caption_texts())
             os.replace(encoder_dir + ".tmp", encoder_dir)
+        teacher_dir = os.path.join(root, "teacher")
+        if teacher_steps > 0 and not os.path.exists(teacher_dir):
+            from composer_prx.data.shapes_teacher import train_shapes_teacher
+
+            if os.path.exists(teacher_dir + ".tmp"):
+                shutil.rmtree(teacher_dir + ".tmp")
+            train_shapes_teacher(root, size=size or resolution, patch=patch_size, seconds=float("inf"),
+                                 max_steps=teacher_steps, out=teacher_dir + ".tmp")
+            os.replace(teacher_dir + ".tmp", teacher_dir)
     dist.barrier()
     return build_dataloader(None, os.path.join(root, split), batch_size=batch_size, resolution=resolution,
                             patch_size=patch_size, shuffle=split == "train", seed=seed, num_workers=num_workers)

@@ -75,8 +75,8 @@ def render_set(n: int, size: int, patch: int, seed: int) -> tuple[torch.Tensor, 
 
 def train_shapes_teacher(root: str, *, size: int = 32, patch: int = 4, hidden: int = 64, depth: int = 4,
                          seconds: float = 75.0, max_steps: int = 3000, batch_size: int = 64, n_images: int = 2048, n_val: int = 512,
-                         seed: int = 0) -> dict:
-    """Train the stand-in teacher for at most `seconds` / `max_steps` and save it to ROOT/teacher; returns metrics."""
+                         seed: int = 0, out: str | None = None) -> dict:
+    """Train the stand-in teacher for at most `seconds` / `max_steps`, save it to `out` (ROOT/teacher); metrics."""
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(seed)
@@ -115,7 +115,7 @@ def train_shapes_teacher(root: str, *, size: int = 32, patch: int = 4, hidden: i
     net.eval()
     with torch.no_grad():
         _, accuracy = losses(*val)
-    out = os.path.join(root, "teacher")
+    out = out or os.path.join(root, "teacher")
     net.save_pretrained(out)
     metrics = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "val_accuracy": accuracy,
                "size": size, "patch": patch, "hidden": hidden, "depth": depth}
