@@ -168,3 +168,23 @@ def test_bad_sampling_settings_fail_before_training(tmp_path, data_root):
         train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), "callbacks.shapes_eval.size=18"])
     with pytest.raises(FileNotFoundError, match="has no eval_prompts.json"):
         train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), f"callbacks.shapes_eval.root={tmp_path}"])
+
+
+def test_the_recipe_in_miniature_trains_its_own_teacher_and_runs_both_stages(tmp_path):
+    recipe = tmp_path / "recipe.yaml"  # yamls/quickstart_recipe.yaml with 2 + 2 batches
+    recipe.write_text(f"base: {ROOT / 'yamls' / 'quickstart_recipe.yaml'}\n"
+                      "stages:\n"
+                      "  - {name: 8px, duration: 2ba, resolution: 8, global_batch_size: 8}\n"
+                      "  - {name: 16px, duration: 2ba, resolution: 16, global_batch_size: 4, algorithms: {repa: off}}\n")
+    data_root = tmp_path / "shapes"
+    overrides = [o for o in tiny_overrides(tmp_path, data_root, run_name="recipe")
+                 if not o.startswith(("trainer.max_duration", "callbacks.samples"))]
+    trainer = train.main([str(recipe), *overrides, "model.dit.depth=4", "data.train.teacher_steps=2",
+                          "data.train.size=16"])
+    assert (data_root / "teacher" / "config.json").is_file()  # trained by the data builder, then loaded by REPA
+    names = {type(a).__name__ for a in trainer.state.algorithms}
+    assert {"Tread", "DinoPerceptualLoss", "EMA"} <= names and "Repa" not in names  # stage 2: REPA off
+    assert int(trainer.state.timestamp.batch) == 4
+    assert type(trainer.state.optimizers[0]).__name__ == "Muon"
+    log = (tmp_path / "runs" / "recipe" / "logs" / "metrics-rank0.txt").read_text()
+    assert "loss/train/repa" in log and "loss/train/dino_perceptual" in log and "shapes_eval/1obj/all" in log
