@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = export_checkpoint(args.checkpoint, args.diffusers, args.text_encoder, args.ema, args.config)
-    print(f"wrote {'PRXPixelPipeline' if args.text_encoder else 'PRXTransformer2DModel'} to {out}")
+    log.info("wrote %s to %s", "PRXPixelPipeline" if args.text_encoder else "PRXTransformer2DModel", out)
     return out
 
 

@@ -123,11 +123,10 @@ def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out) / (f"{args.batches}ba" if args.batches else f"{args.seconds:g}s")  # one budget per folder
     teacher = str(Path(args.data_root) / "teacher")
-    needs_teacher = any(set(ARMS[a]) & {"repa", "dino"} for a in args.arms)
-    if needs_teacher and not (Path(teacher) / "config.json").is_file():
-        from composer_prx.data.shapes_teacher import train_shapes_teacher
+    if any(set(ARMS[a]) & {"repa", "dino"} for a in args.arms):
+        from composer_prx.data.shapes_teacher import ensure_shapes_teacher
 
-        train_shapes_teacher(args.data_root, seconds=math.inf, max_steps=args.teacher_steps)
+        ensure_shapes_teacher(args.data_root, args.teacher_steps)  # before any arm, outside their budgets
     skipped = {}
     if args.lpips_backbone is None or not Path(args.lpips_backbone).is_file():
         skipped = {a: f"no LPIPS backbone at --lpips-backbone {args.lpips_backbone}" for a in args.arms

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -463,6 +463,16 @@ def caption_texts() -> list[str]:
     return [s.caption(v) for s in singles for v in variants] + [pair.caption(v) for v in variants]
 
 
+def write_folder_once(folder: str, write: Callable[[str], Any]) -> str:
+    """`folder`, made by write(folder + ".tmp") and renamed into place if it does not exist yet."""
+    if not os.path.exists(folder):
+        if os.path.exists(folder + ".tmp"):  # left by an interrupted run
+            shutil.rmtree(folder + ".tmp")
+        write(folder + ".tmp")
+        os.replace(folder + ".tmp", folder)
+    return folder
+
+
 def build_shapes_dataloader(batch_size: int, resolution: int, patch_size: int, root: str, *, n_train: int = 20000,
                             size: int | None = None, seed: int = 17, split: str = "train", num_workers: int = 0,
                             data_seed: int = 0, text_encoder: bool = True, teacher_steps: int = 0):
@@ -483,23 +493,15 @@ def build_shapes_dataloader(batch_size: int, resolution: int, patch_size: int, r
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if dist.get_local_rank() == 0:
         write_shapes_mds(root, n_train, size or resolution, data_seed)
-        encoder_dir = os.path.join(root, "text_encoder")
-        if text_encoder and not os.path.exists(encoder_dir):
+        if text_encoder:
             from composer_prx.model.text import save_word_level_encoder
 
-            if os.path.exists(encoder_dir + ".tmp"):
-                shutil.rmtree(encoder_dir + ".tmp")
-            save_word_level_encoder(encoder_dir + ".tmp", caption_texts())
-            os.replace(encoder_dir + ".tmp", encoder_dir)
-        teacher_dir = os.path.join(root, "teacher")
-        if teacher_steps > 0 and not os.path.exists(teacher_dir):
-            from composer_prx.data.shapes_teacher import train_shapes_teacher
+            write_folder_once(os.path.join(root, "text_encoder"),
+                              lambda tmp: save_word_level_encoder(tmp, caption_texts()))
+        if teacher_steps > 0:
+            from composer_prx.data.shapes_teacher import ensure_shapes_teacher
 
-            if os.path.exists(teacher_dir + ".tmp"):
-                shutil.rmtree(teacher_dir + ".tmp")
-            train_shapes_teacher(root, size=size or resolution, patch=patch_size, seconds=float("inf"),
-                                 max_steps=teacher_steps, out=teacher_dir + ".tmp")
-            os.replace(teacher_dir + ".tmp", teacher_dir)
+            ensure_shapes_teacher(root, teacher_steps, size=size or resolution, patch=patch_size)
     dist.barrier()
     return build_dataloader(None, os.path.join(root, split), batch_size=batch_size, resolution=resolution,
                             patch_size=patch_size, shuffle=split == "train", seed=seed, num_workers=num_workers)

@@ -125,6 +125,14 @@ def train_shapes_teacher(root: str, *, size: int = 32, patch: int = 4, hidden: i
     return metrics
 
 
+def ensure_shapes_teacher(root: str, steps: int, *, size: int = 32, patch: int = 4) -> str:
+    """ROOT/teacher, trained for `steps` steps first if it is absent (written to a temporary folder, then renamed)."""
+    from composer_prx.data.shapes import write_folder_once
+
+    return write_folder_once(os.path.join(root, "teacher"), lambda tmp: train_shapes_teacher(
+        root, size=size, patch=patch, seconds=float("inf"), max_steps=steps, out=tmp))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m composer_prx.data.shapes_teacher", description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="./data/shapes", help="the shapes data root; the teacher goes to ROOT/teacher")
