@@ -32,14 +32,22 @@ def test_time_budget_stops_training_and_still_evaluates(tmp_path, data_root):
         C.resolve("callbacks", "time_budget")(seconds=0)
 
 
-@pytest.mark.parametrize("arm", list(ablate.ARMS))
+@pytest.mark.parametrize("arm", [*ablate.ARMS, ablate.NO_LPIPS])
 def test_each_arm_is_the_baseline_plus_its_techniques(arm):
     cfg = C.load_config(QUICKSTART, ablate.arm_overrides(arm, teacher="/t", lpips="/vgg.pth"))
-    techniques = set(ablate.ARMS[arm])
+    techniques = set({**ablate.ARMS, **ablate.arms_available(False)}[arm])
     algorithm_of = {"ema": "ema", "tread": "tread", "repa": "repa", "lpips": "lpips", "dino": "dino_perceptual"}
     expected = {algorithm_of[t] for t in techniques if t in algorithm_of} | {"gradient_clipping"}
     assert {k for k, v in cfg.algorithms.items() if v is not None} == expected
     assert C._split_component(cfg.optimizer, "optimizer")[0] == ("muon" if "muon" in techniques else "adamw")
+
+
+def test_without_lpips_the_full_recipe_runs_under_its_own_name():
+    assert ablate.arms_available(True) == ablate.ARMS
+    arms = ablate.arms_available(False)
+    assert "+lpips" not in arms and "full recipe" not in arms
+    assert set(arms[ablate.NO_LPIPS]) == set(ablate.ARMS["full recipe"]) - {"lpips"}
+    assert ablate.run_name(ablate.NO_LPIPS, 3) != ablate.run_name("full recipe", 3)  # never kept in place of it
 
 
 def test_ablate_runs_keeps_finished_arms_and_tables_them(tmp_path, data_root, capsys):

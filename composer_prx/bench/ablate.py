@@ -10,7 +10,9 @@ prompts; each arm runs every seed:
 A finished (arm, seed) leaves OUT/results/ARM-sSEED.json and is kept, not rerun, so an interrupted
 ablation resumes where it stopped. REPA and the DINO perceptual loss use the shapes stand-in teacher
 (python -m composer_prx.data.shapes_teacher), trained once for a fixed number of steps. LPIPS needs
-torchvision's ImageNet VGG16 (`--lpips-backbone`); without that file its arms are reported as not run.
+torchvision's ImageNet VGG16 (`--lpips-backbone`); without that file +lpips is reported as not run and the
+full recipe runs without LPIPS under its own name ("full recipe without LPIPS"), so its result is never mistaken
+for (or kept in place of) the full one.
 """
 
 from __future__ import annotations
@@ -43,10 +45,21 @@ PRX_FID_DELTA = {"+muon": "−2.65", "+repa": "−3.56", "+tread": "+3.41 (256 p
 SCORES = [("1obj", "colour"), ("1obj", "position"), ("1obj", "shape"), ("1obj", "all"), ("2obj", "all")]
 
 
+NO_LPIPS = "full recipe without LPIPS"
+
+
+def arms_available(lpips: bool) -> dict[str, list[str]]:
+    """ARMS, or without an LPIPS backbone: +lpips dropped and the full recipe renamed to what it runs."""
+    if lpips:
+        return dict(ARMS)
+    out = {arm: names for arm, names in ARMS.items() if arm not in ("+lpips", "full recipe")}
+    return {**out, NO_LPIPS: [name for name in ARMS["full recipe"] if name != "lpips"]}
+
+
 def arm_overrides(arm: str, teacher: str, lpips: str | None) -> list[str]:
     """The dotlist of one arm over the quickstart: the baseline, then each of its techniques' settings."""
     out = list(BASELINE)
-    for name in ARMS[arm]:
+    for name in {**ARMS, **arms_available(False)}[arm]:
         out += [o.replace("{teacher}", teacher).replace("{lpips}", lpips or "") for o in TECHNIQUES[name]]
     return out
 
@@ -87,11 +100,11 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[dict]], skipped: dict[str, str], budget: str) -> str:
-    """Markdown: one row per arm (in ARMS order), scores as mean ± std over the seeds that ran."""
+    """Markdown: one row per arm (ARMS order, then the no-LPIPS recipe), scores as mean ± std over the seeds that ran."""
     head = ["arm", "seeds", f"batches ({budget})", "1-obj colour", "1-obj position", "1-obj shape",
             "1-obj all right", "2-obj all right", "wall s / seed", "PRX Part 2 FID Δ"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for arm in ARMS:
+    for arm in [*ARMS, NO_LPIPS]:
         if arm in skipped:
             lines.append(f"| {arm} | not run: {skipped[arm]} |" + " |" * (len(head) - 2))
             continue
@@ -110,7 +123,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seconds", type=float, default=150.0, help="training wall-clock budget per run")
     parser.add_argument("--batches", type=int, default=None, help="equal steps instead: train every run this long")
     parser.add_argument("--seeds", type=int, nargs="+", default=[17, 18, 19])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"subset of {list(ARMS)}")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"subset of {list(ARMS)} (the full recipe "
+                        f"runs as '{NO_LPIPS}' without --lpips-backbone)")
     parser.add_argument("--out", default="./runs/ablate", help="results (kept across reruns) and the table")
     parser.add_argument("--data-root", default="./data/shapes")
     parser.add_argument("--teacher-steps", type=int, default=80, help="training steps of the shapes stand-in teacher")
@@ -127,12 +141,12 @@ def main(argv: list[str] | None = None) -> str:
         from composer_prx.data.shapes_teacher import ensure_shapes_teacher
 
         ensure_shapes_teacher(args.data_root, args.teacher_steps)  # before any arm, outside their budgets
-    skipped = {}
-    if args.lpips_backbone is None or not Path(args.lpips_backbone).is_file():
-        skipped = {a: f"no LPIPS backbone at --lpips-backbone {args.lpips_backbone}" for a in args.arms
-                   if "lpips" in ARMS[a]}
+    has_lpips = args.lpips_backbone is not None and Path(args.lpips_backbone).is_file()
+    skipped = {} if has_lpips or "+lpips" not in args.arms else {
+        "+lpips": f"no LPIPS backbone at --lpips-backbone {args.lpips_backbone}"}
+    wanted = [NO_LPIPS if a == "full recipe" and not has_lpips else a for a in args.arms]
     results: dict[str, list[dict]] = {}
-    for arm in [a for a in ARMS if a in args.arms and a not in skipped]:
+    for arm in [a for a in arms_available(has_lpips) if a in wanted]:
         for seed in args.seeds:
             path = out / "results" / f"{run_name(arm, seed)}.json"
             if path.is_file():
