@@ -23,6 +23,10 @@ from tests.optim import muon_dist_run
 
 SCRIPT = Path(muon_dist_run.__file__)
 ATOL = 1e-4
+# A bfloat16 Newton-Schulz group: a sharded gradient summed in another order can round one bf16 element the
+# other way (2^-8 of it), so the mixed run matches the single process to bf16 rounding, not to fp32's 1e-4
+# (measured up to 1.13e-4 on 3 ranks); still 20x below the 1e-2 the settings themselves change.
+BF16_ATOL = 5e-4
 
 
 def _launch(world: int, out: Path) -> dict[str, object]:
@@ -77,7 +81,7 @@ def test_two_muon_groups_with_different_settings(launched):
     _, out = launched
     single, trainer = muon_dist_run.train(optimizer="mixed")
     assert [g["ns_dtype"] for g in trainer.state.optimizers[0].param_groups[:2]] == ["float32", "bfloat16"]
-    assert _max_diff(out["fsdp_mixed"], single) < ATOL
+    assert _max_diff(out["fsdp_mixed"], single) < BF16_ATOL
     assert _max_diff(out["fsdp_mixed"], out["fsdp"]) > 1e-2  # the settings did change the run
 
 
