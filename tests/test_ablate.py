@@ -35,7 +35,7 @@ def test_time_budget_stops_training_and_still_evaluates(tmp_path, data_root):
 @pytest.mark.parametrize("arm", [*ablate.ARMS, ablate.NO_LPIPS])
 def test_each_arm_is_the_baseline_plus_its_techniques(arm):
     cfg = C.load_config(QUICKSTART, ablate.arm_overrides(arm, teacher="/t", lpips="/vgg.pth"))
-    techniques = set({**ablate.ARMS, **ablate.arms_available(False)}[arm])
+    techniques = set(ablate.ALL_ARMS[arm])
     algorithm_of = {"ema": "ema", "tread": "tread", "repa": "repa", "lpips": "lpips", "dino": "dino_perceptual"}
     expected = {algorithm_of[t] for t in techniques if t in algorithm_of} | {"gradient_clipping"}
     assert {k for k, v in cfg.algorithms.items() if v is not None} == expected
@@ -43,10 +43,13 @@ def test_each_arm_is_the_baseline_plus_its_techniques(arm):
 
 
 def test_without_lpips_the_full_recipe_runs_under_its_own_name():
-    assert ablate.arms_available(True) == ablate.ARMS
-    arms = ablate.arms_available(False)
-    assert "+lpips" not in arms and "full recipe" not in arms
-    assert set(arms[ablate.NO_LPIPS]) == set(ablate.ARMS["full recipe"]) - {"lpips"}
+    everything = list(ablate.ARMS)
+    assert ablate.planned_arms(everything, True) == (everything, {})
+    arms, skipped = ablate.planned_arms(everything, False, "/no/vgg.pth")
+    assert arms == [a for a in everything if a not in ("+lpips", "full recipe")] + [ablate.NO_LPIPS]
+    assert skipped == {"+lpips": "no LPIPS backbone at --lpips-backbone /no/vgg.pth"}
+    assert ablate.planned_arms(["baseline", "full recipe"], False) == (["baseline", ablate.NO_LPIPS], {})
+    assert set(ablate.ALL_ARMS[ablate.NO_LPIPS]) == set(ablate.ARMS["full recipe"]) - {"lpips"}
     assert ablate.run_name(ablate.NO_LPIPS, 3) != ablate.run_name("full recipe", 3)  # never kept in place of it
 
 

@@ -46,20 +46,24 @@ SCORES = [("1obj", "colour"), ("1obj", "position"), ("1obj", "shape"), ("1obj", 
 
 
 NO_LPIPS = "full recipe without LPIPS"
+ALL_ARMS = {**ARMS, NO_LPIPS: [name for name in ARMS["full recipe"] if name != "lpips"]}
 
 
-def arms_available(lpips: bool) -> dict[str, list[str]]:
-    """ARMS, or without an LPIPS backbone: +lpips dropped and the full recipe renamed to what it runs."""
-    if lpips:
-        return dict(ARMS)
-    out = {arm: names for arm, names in ARMS.items() if arm not in ("+lpips", "full recipe")}
-    return {**out, NO_LPIPS: [name for name in ARMS["full recipe"] if name != "lpips"]}
+def planned_arms(requested: list[str], has_lpips: bool,
+                 backbone: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """The arms to run (ALL_ARMS order) and the ones skipped with why: without an LPIPS backbone
+    +lpips is skipped and the full recipe runs as NO_LPIPS."""
+    if has_lpips:
+        return [a for a in ARMS if a in requested], {}
+    wanted = {NO_LPIPS if a == "full recipe" else a for a in requested} - {"+lpips"}
+    skipped = {"+lpips": f"no LPIPS backbone at --lpips-backbone {backbone}"} if "+lpips" in requested else {}
+    return [a for a in ALL_ARMS if a in wanted], skipped
 
 
 def arm_overrides(arm: str, teacher: str, lpips: str | None) -> list[str]:
     """The dotlist of one arm over the quickstart: the baseline, then each of its techniques' settings."""
     out = list(BASELINE)
-    for name in {**ARMS, **arms_available(False)}[arm]:
+    for name in ALL_ARMS[arm]:
         out += [o.replace("{teacher}", teacher).replace("{lpips}", lpips or "") for o in TECHNIQUES[name]]
     return out
 
@@ -104,7 +108,7 @@ def table(results: dict[str, list[dict]], skipped: dict[str, str], budget: str) 
     head = ["arm", "seeds", f"batches ({budget})", "1-obj colour", "1-obj position", "1-obj shape",
             "1-obj all right", "2-obj all right", "wall s / seed", "PRX Part 2 FID Δ"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for arm in [*ARMS, NO_LPIPS]:
+    for arm in ALL_ARMS:
         if arm in skipped:
             lines.append(f"| {arm} | not run: {skipped[arm]} |" + " |" * (len(head) - 2))
             continue
@@ -142,11 +146,9 @@ def main(argv: list[str] | None = None) -> str:
 
         ensure_shapes_teacher(args.data_root, args.teacher_steps)  # before any arm, outside their budgets
     has_lpips = args.lpips_backbone is not None and Path(args.lpips_backbone).is_file()
-    skipped = {} if has_lpips or "+lpips" not in args.arms else {
-        "+lpips": f"no LPIPS backbone at --lpips-backbone {args.lpips_backbone}"}
-    wanted = [NO_LPIPS if a == "full recipe" and not has_lpips else a for a in args.arms]
+    arms, skipped = planned_arms(args.arms, has_lpips, args.lpips_backbone)
     results: dict[str, list[dict]] = {}
-    for arm in [a for a in arms_available(has_lpips) if a in wanted]:
+    for arm in arms:
         for seed in args.seeds:
             path = out / "results" / f"{run_name(arm, seed)}.json"
             if path.is_file():
