@@ -82,6 +82,10 @@ def diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
     if cfg.text_norm:
         raise ValueError("DiTConfig.text_norm=True (a learned RMSNorm before the text projection) has no "
                          "counterpart in diffusers' PRXTransformer2DModel; only text_norm=False models export")
+    if cfg.rope_grid is not None:
+        raise ValueError(f"DiTConfig.rope_grid={cfg.rope_grid} (RoPE positions rescaled to a fixed grid) has no "
+                         "counterpart in diffusers' PRXTransformer2DModel, which uses patch indices; only "
+                         "rope_grid=None models export")
     half = cfg.head_dim // 2
     theta = cfg.rope_theta
     return dict(in_channels=cfg.in_channels, patch_size=cfg.patch_size, context_in_dim=cfg.text_dim,

@@ -71,6 +71,12 @@ def test_ablate_runs_keeps_finished_arms_and_tables_them(tmp_path, data_root, ca
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
     assert ablate.main(argv) == text  # a rerun keeps every finished (arm, seed): nothing trains again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == stamps
+    # a kept result must have run with today's settings: another --set reruns that arm, not the others
+    changed = [a if a != "callbacks.shapes_eval.max_prompts=2" else "callbacks.shapes_eval.max_prompts=1" for a in argv]
+    ablate.main([*changed[:changed.index("--arms")], "--arms", "+tread", *changed[changed.index("--out"):]])
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
+    assert after["tread-s1.json"] != stamps["tread-s1.json"] and after["baseline-s1.json"] == stamps["baseline-s1.json"]
+    assert "callbacks.shapes_eval.max_prompts=1" in json.loads((out / "results" / "tread-s1.json").read_text())["overrides"]
     steps = ablate.main(["--batches", "2", "--seeds", "1", "--arms", "baseline", "--out", str(tmp_path / "ablate"),
                          "--data-root", str(data_root), "--set", *TINY])
     assert json.loads((tmp_path / "ablate" / "2ba" / "results" / "baseline-s1.json").read_text())["batches"] == 2

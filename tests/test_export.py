@@ -106,6 +106,8 @@ def test_import_refuses_what_pixeldit_cannot_express(diffusers, tmp_path):
         export.dit_config(export.diffusers_config(tiny_cfg()) | {"time_factor": 1.0})
     with pytest.raises(ValueError, match="text_norm"):
         export.to_diffusers(PixelDiT(tiny_cfg(text_norm=True)))
+    with pytest.raises(ValueError, match="rope_grid"):
+        export.to_diffusers(PixelDiT(tiny_cfg(rope_grid=4)))
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         PixelDiT.from_diffusers(tmp_path)
 

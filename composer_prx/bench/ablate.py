@@ -72,17 +72,22 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm.strip('+').replace(' ', '_')}-s{seed}"
 
 
+def run_overrides(arm: str, seed: int, seconds: float | None, out: Path, data_root: str, teacher: str,
+                  lpips: str | None, extra: list[str], batches: int | None = None) -> list[str]:
+    """The full dotlist of one (arm, seed) run over yamls/quickstart.yaml (also the key a kept result must match)."""
+    budget = [f"trainer.max_duration={batches}ba"] if batches else [
+        "trainer.max_duration=1000000ba", f"callbacks.time_budget={{seconds: {seconds}}}"]
+    return [f"variables.data_root={data_root}", f"run_dir={out}/runs", f"run_name={run_name(arm, seed)}",
+            f"seed={seed}", *budget, "trainer.save_interval=1000000ba", "trainer.progress_bar=false",
+            "callbacks.samples=null", *arm_overrides(arm, teacher, lpips), *extra]
+
+
 def run_arm(arm: str, seed: int, seconds: float | None, out: Path, data_root: str, teacher: str, lpips: str | None,
             extra: list[str], batches: int | None = None) -> dict:
     """Train one (arm, seed) in this process for `seconds` (or `batches`), score it, write and return its result."""
     from composer_prx import train
 
-    name = run_name(arm, seed)
-    budget = [f"trainer.max_duration={batches}ba"] if batches else [
-        "trainer.max_duration=1000000ba", f"callbacks.time_budget={{seconds: {seconds}}}"]
-    overrides = [f"variables.data_root={data_root}", f"run_dir={out}/runs", f"run_name={name}", f"seed={seed}",
-                 *budget, "trainer.save_interval=1000000ba", "trainer.progress_bar=false", "callbacks.samples=null",
-                 *arm_overrides(arm, teacher, lpips), *extra]
+    overrides = run_overrides(arm, seed, seconds, out, data_root, teacher, lpips, extra, batches)
     start = time.perf_counter()
     trainer = train.main([str(QUICKSTART), *overrides])
     wall = time.perf_counter() - start
@@ -90,9 +95,20 @@ def run_arm(arm: str, seed: int, seconds: float | None, out: Path, data_root: st
     result = {"arm": arm, "seed": seed, "seconds": None if batches else seconds,
               "batches": int(trainer.state.timestamp.batch), "wall_s": round(wall, 1),
               "scores": callbacks["ShapesEval"].results, "overrides": overrides}
-    path = out / "results" / f"{name}.json"
+    path = out / "results" / f"{run_name(arm, seed)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def kept_result(path: Path, overrides: list[str]) -> dict | None:
+    """A finished run's result if it ran with exactly these overrides; None (rerun it) if absent or stale."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("overrides") != overrides:
+        log.warning("%s was run with other settings (the arm or --set changed); rerunning it", path)
+        return None
     return result
 
 
@@ -151,8 +167,9 @@ def main(argv: list[str] | None = None) -> str:
     for arm in arms:
         for seed in args.seeds:
             path = out / "results" / f"{run_name(arm, seed)}.json"
-            if path.is_file():
-                result = json.loads(path.read_text())
+            result = kept_result(path, run_overrides(arm, seed, args.seconds, out, args.data_root, teacher,
+                                                     args.lpips_backbone, args.set, args.batches))
+            if result is not None:
                 log.info("kept %s seed %d from %s", arm, seed, path)
             else:
                 result = run_arm(arm, seed, args.seconds, out, args.data_root, teacher, args.lpips_backbone,

@@ -38,6 +38,10 @@ class DiTConfig:
     rope_theta [theta]: RoPE base; each of the two axes gets head_dim / 2 dims [axes_dim].
     resolution_embeds: add an embedding of the image (H, W) in pixels to the timestep embedding (PRX pixel).
     text_norm: a learned RMSNorm on the text embeddings before the text projection (not in PRX).
+    rope_grid: None (PRX): RoPE positions are patch indices from 0, so a position learned at one
+        resolution means another place at the next.  An int G: positions are the same fraction of the
+        image at every resolution, patch i of g at (i + 1/2) G/g - 1/2 (= i when g = G), for stages
+        that change resolution on a small model (the quickstart).  Not in PRX; such models do not export.
     """
 
     patch_size: int = 32
@@ -51,6 +55,7 @@ class DiTConfig:
     rope_theta: float = 10000.0
     resolution_embeds: bool = True
     text_norm: bool = False
+    rope_grid: int | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_dim % self.num_heads:
@@ -65,6 +70,8 @@ class DiTConfig:
                 raise ValueError(f"DiTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.bottleneck_dim is not None and self.bottleneck_dim < 1:
             raise ValueError(f"DiTConfig.bottleneck_dim must be >= 1 or None (no bottleneck), got {self.bottleneck_dim}")
+        if self.rope_grid is not None and self.rope_grid < 1:
+            raise ValueError(f"DiTConfig.rope_grid must be >= 1 or None (patch-index positions), got {self.rope_grid}")
         if self.mlp_dim < 1:
             raise ValueError(f"DiTConfig.mlp_ratio {self.mlp_ratio} gives an MLP width of {self.mlp_dim}; use a larger ratio")
 
@@ -121,16 +128,24 @@ def unpatchify(tokens: Tensor, patch: int, height: int, width: int) -> Tensor:
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
 
 
-def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device: torch.device) -> Tensor:
+def rope_positions(n: int, ref: int | None, device: torch.device) -> Tensor:
+    """Positions of n patches along an axis: i (PRX), or (i + 1/2) ref/n - 1/2 (the same image fraction at any n)."""
+    idx = torch.arange(n, device=device, dtype=torch.float32)
+    return idx if ref is None else (idx + 0.5) * (ref / n) - 0.5
+
+
+def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device: torch.device,
+            ref_grid: int | None = None) -> Tensor:
     """2D RoPE as complex rotations [1, N, head_dim/2]: the first half of the pairs turn with the row, the rest with the column.
 
     Pair k of an axis (head_dim/4 pairs each) turns by angle pos * theta^(-k / (head_dim/4)), pos = the
-    token's row (or column) patch index counted from 0, as in PRX (axes_dim = [head_dim/2, head_dim/2]).
+    token's row (or column) patch index counted from 0, as in PRX (axes_dim = [head_dim/2, head_dim/2]);
+    with ref_grid, pos is rescaled to a ref_grid-patch image (`rope_positions`).
     """
     quarter = head_dim // 4
     freqs = theta ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)  # [hd/4]
-    rows = torch.arange(grid_h, device=device, dtype=torch.float32)
-    cols = torch.arange(grid_w, device=device, dtype=torch.float32)
+    rows = rope_positions(grid_h, ref_grid, device)
+    cols = rope_positions(grid_w, ref_grid, device)
     pos_r, pos_c = torch.meshgrid(rows, cols, indexing="ij")  # [gh, gw]
     angles = torch.cat([pos_r.reshape(-1, 1) * freqs, pos_c.reshape(-1, 1) * freqs], dim=-1)  # [N, hd/2]
     return torch.polar(torch.ones_like(angles), angles).unsqueeze(0)
@@ -290,7 +305,7 @@ class PixelDiT(nn.Module):
             text_mask = text_mask.bool()
             if text_mask.device.type == "cpu" and bool(text_mask.all()):  # skip an all-real mask; no device sync
                 text_mask = None
-        rope = rope_2d(grid_h, grid_w, self.cfg.head_dim, self.cfg.rope_theta, t.device)
+        rope = rope_2d(grid_h, grid_w, self.cfg.head_dim, self.cfg.rope_theta, t.device, self.cfg.rope_grid)
         return BlockContext(temb=temb, text=text_tokens, text_mask=text_mask, rope=rope)
 
     # PRXModel passes t as its fp32 bits (int32): FSDP2's mixed-precision policy casts floating inputs

@@ -164,6 +164,35 @@ def test_rope_positions_start_at_zero():
     torch.testing.assert_close(rope[0, token], torch.polar(torch.ones(8), angles))
 
 
+def test_rope_grid_positions_are_image_fractions():
+    """rope_grid=G: patch i of g sits at the centre of its span on a G-patch image, the same place at every g."""
+    dev = torch.device("cpu")
+    same = rope_2d(8, 8, 16, 10000.0, dev, ref_grid=8)
+    torch.testing.assert_close(same, rope_2d(8, 8, 16, 10000.0, dev))  # g = G: PRX's patch indices
+    coarse = rope_2d(4, 2, 16, 10000.0, dev, ref_grid=8)  # [1, 8, 8]
+    freqs = 10000.0 ** (-torch.arange(4) / 4)
+    # row 3 of 4 covers rows 6-7 of 8 (centre 6.5); column 1 of 2 covers columns 4-7 (centre 5.5)
+    angles = torch.cat([6.5 * freqs, 5.5 * freqs])
+    torch.testing.assert_close(coarse[0, 3 * 2 + 1], torch.polar(torch.ones(8), angles))
+    with pytest.raises(ValueError, match="rope_grid"):
+        DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, text_dim=8, rope_grid=0)
+
+
+def test_rope_grid_reaches_the_forward():
+    """A model with rope_grid differs from the PRX-position model with the same weights, except at g = G."""
+    torch.manual_seed(0)
+    base = PixelDiT(DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, text_dim=8))
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    fixed = PixelDiT(DiTConfig(patch_size=4, hidden_dim=32, depth=1, num_heads=2, text_dim=8, rope_grid=4))
+    fixed.load_state_dict(base.state_dict())
+    args = (torch.rand(2), torch.randn(2, 3, 8))
+    at_ref = torch.randn(2, 3, 16, 16)  # 4 x 4 patches = the reference grid
+    torch.testing.assert_close(fixed(at_ref, *args), base(at_ref, *args))
+    small = torch.randn(2, 3, 8, 8)
+    assert not torch.allclose(fixed(small, *args), base(small, *args), atol=1e-4)
+
+
 def test_gradients_reach_every_parameter(tiny_dit_cfg):
     model = _trained_copy(tiny_dit_cfg)
     out = model(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 4, 32))
