@@ -7,7 +7,7 @@ import pytest
 from composer_prx import config as C
 from composer_prx import train
 from composer_prx.bench import ablate
-from tests.test_train import QUICKSTART, tiny_overrides
+from tests.test_train import SHAPES, tiny_overrides
 
 TINY = ["variables.size=16", "model.dit.hidden_dim=32", "model.dit.depth=4", "model.dit.num_heads=2",
         "model.dit.bottleneck_dim=16", "data.train.n_train=96", "data.global_batch_size=8",
@@ -21,7 +21,7 @@ def data_root(tmp_path_factory):
 
 
 def test_time_budget_stops_training_and_still_evaluates(tmp_path, data_root):
-    trainer = train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root, duration="100000ba"),
+    trainer = train.main([SHAPES, *tiny_overrides(tmp_path, data_root, duration="100000ba"),
                           "callbacks.time_budget={seconds: 1.0}", "callbacks.samples=null"])
     budget = next(cb for cb in trainer.state.callbacks if type(cb).__name__ == "TimeBudget")
     done = int(trainer.state.timestamp.batch)
@@ -34,7 +34,7 @@ def test_time_budget_stops_training_and_still_evaluates(tmp_path, data_root):
 
 @pytest.mark.parametrize("arm", [*ablate.ARMS, ablate.NO_LPIPS])
 def test_each_arm_is_the_baseline_plus_its_techniques(arm):
-    cfg = C.load_config(QUICKSTART, ablate.arm_overrides(arm, teacher="/t", lpips="/vgg.pth"))
+    cfg = C.load_config(SHAPES, ablate.arm_overrides(arm, teacher="/t", lpips="/vgg.pth"))
     techniques = set(ablate.ALL_ARMS[arm])
     algorithm_of = {"ema": "ema", "tread": "tread", "repa": "repa", "lpips": "lpips", "dino": "dino_perceptual"}
     expected = {algorithm_of[t] for t in techniques if t in algorithm_of} | {"gradient_clipping"}

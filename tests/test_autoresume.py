@@ -14,7 +14,7 @@ from composer_prx import train
 from tests.algorithms.test_stages import assert_same, counters
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "yamls" / "quickstart.yaml")
+SHAPES = str(ROOT / "yamls" / "shapes.yaml")
 
 
 def shrunk(tmp: Path, run: str) -> list[str]:
@@ -35,8 +35,8 @@ def final_state(tmp: Path, run: str) -> dict:
 
 
 def test_kill_9_after_a_checkpoint_then_the_same_command_ends_on_the_uninterrupted_weights(tmp_path):
-    train.main([QUICKSTART, *shrunk(tmp_path, "full")])  # also writes the shapes data the relaunches read
-    cmd = [sys.executable, "-m", "composer_prx.train", QUICKSTART, *shrunk(tmp_path, "killed")]
+    train.main([SHAPES, *shrunk(tmp_path, "full")])  # also writes the shapes data the relaunches read
+    cmd = [sys.executable, "-m", "composer_prx.train", SHAPES, *shrunk(tmp_path, "killed")]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     latest = tmp_path / "runs" / "killed" / "checkpoints" / "latest-rank0.pt"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

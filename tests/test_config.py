@@ -7,7 +7,7 @@ import pytest
 from composer_prx import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "yamls" / "quickstart.yaml"
+SHAPES = ROOT / "yamls" / "shapes.yaml"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "yamls").rglob("*.yaml")), ids=lambda p: p.name)
@@ -17,7 +17,7 @@ def test_every_shipped_yaml_loads(path):
 
 
 def test_variables_and_overrides():
-    cfg = C.load_config(QUICKSTART, ["variables.size=64", "trainer.max_duration=7ba", "seed=3"])
+    cfg = C.load_config(SHAPES, ["variables.size=64", "trainer.max_duration=7ba", "seed=3"])
     assert cfg.data.resolution == 64 and cfg.callbacks["samples"]["size"] == 64
     assert cfg.trainer.max_duration == "7ba" and cfg.seed == 3
     assert "max_duration: 7ba" in C.to_yaml(cfg)
@@ -49,14 +49,14 @@ def test_variables_and_overrides():
 )
 def test_bad_config_fails_with_actionable_message(override, message):
     with pytest.raises(C.ConfigError, match=message):
-        C.load_config(QUICKSTART, [override])
+        C.load_config(SHAPES, [override])
 
 
 def test_missing_file_and_malformed_override(tmp_path):
     with pytest.raises(C.ConfigError, match="does not exist"):
         C.load_config(tmp_path / "nope.yaml")
     with pytest.raises(C.ConfigError, match="key=value"):
-        C.load_config(QUICKSTART, ["trainer.max_duration"])
+        C.load_config(SHAPES, ["trainer.max_duration"])
 
 
 def test_missing_required_key(tmp_path):

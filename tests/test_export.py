@@ -173,7 +173,7 @@ def tiny_run(tmp_path, data_root, name, ema=True):
         "optimizer.lr=0.01",
     ] + (["algorithms.ema=null"] + (["algorithms.composer_ema={half_life: null, smoothing: 0.995, "
                                      "update_interval: 1ba}"] if ema else []))  # old Composer-EMA checkpoints
-    train.main([str(ROOT / "yamls" / "quickstart.yaml"), *overrides])
+    train.main([str(ROOT / "yamls" / "shapes.yaml"), *overrides])
     return tmp_path / "runs" / name / "checkpoints" / "latest-rank0.pt"
 
 
@@ -226,10 +226,10 @@ def test_train_starts_from_a_diffusers_transformer(diffusers, tmp_path):
                  "model.dit.hidden_dim=32", "model.dit.depth=2", "model.dit.num_heads=2", "model.dit.bottleneck_dim=16",
                  "model.dit.mlp_ratio=2.5", "model.dit.patch_size=4", "data.train.n_train=16",
                  "model.text_encoder=null", f"model.init_from={tmp_path / 'prx'}"]
-    config = train.C.load_config(str(ROOT / "yamls" / "quickstart.yaml"), overrides)
+    config = train.C.load_config(str(ROOT / "yamls" / "shapes.yaml"), overrides)
     model = train.build_prx_model(config)
     expected = export.from_diffusers_state_dict(source.state_dict(), cfg)
     assert all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in expected.items())
-    wrong = train.C.load_config(str(ROOT / "yamls" / "quickstart.yaml"), overrides + ["model.dit.mlp_ratio=4.0"])
+    wrong = train.C.load_config(str(ROOT / "yamls" / "shapes.yaml"), overrides + ["model.dit.mlp_ratio=4.0"])
     with pytest.raises(train.C.ConfigError, match=r"different architecture than model.dit; set model.dit.mlp_ratio=2.5"):
         train.build_prx_model(wrong)

@@ -12,7 +12,7 @@ import subprocess
 import torch
 
 from composer_prx.bench.common import composer_launch
-from tests.test_train import QUICKSTART, sharded_model_state, tiny_overrides
+from tests.test_train import SHAPES, sharded_model_state, tiny_overrides
 
 RECIPE = ["model.dit.depth=4", "optimizer={name: muon, lr: 0.01}", "scheduler.t_warmup=1ba",
           "algorithms.tread={route_start: 1, route_end: -2, ratio: 0.5}", "algorithms.ema=null",
@@ -21,7 +21,7 @@ RECIPE = ["model.dit.depth=4", "optimizer={name: muon, lr: 0.01}", "scheduler.t_
 
 
 def _train(tmp_path, data_root, name, *overrides):
-    cmd = [*composer_launch(2, "-m", "composer_prx.train"), QUICKSTART, *tiny_overrides(tmp_path, data_root, name, "5ba"),
+    cmd = [*composer_launch(2, "-m", "composer_prx.train"), SHAPES, *tiny_overrides(tmp_path, data_root, name, "5ba"),
            *RECIPE, *overrides]
     proc = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)

@@ -9,7 +9,7 @@ from composer.core import Algorithm, Callback, Event
 
 from composer_prx import config as C
 from composer_prx import train
-from tests.test_train import QUICKSTART, tiny_overrides
+from tests.test_train import SHAPES, tiny_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +47,13 @@ def test_user_registered_algorithm_runs_from_the_yaml(tmp_path, entry):
     C.register("algorithms", "count_batches", entry)
     overrides = [*tiny_overrides(tmp_path, tmp_path / "shapes", duration="3ba"), "callbacks.samples=null",
                  "callbacks.shapes_eval=null", "algorithms.count_batches={bonus: 100.0}"]
-    cfg = C.load_config(QUICKSTART, overrides)
+    cfg = C.load_config(SHAPES, overrides)
     trainer = train.build_trainer(cfg)
     trainer.fit()
     mine = [a for a in trainer.state.algorithms if isinstance(a, CountBatches)]
     assert len(mine) == 1 and mine[0].batches == 3 and all(loss > 100.0 for loss in mine[0].losses)
     with pytest.raises(C.ConfigError, match=r"unknown key algorithms.count_batches.bonsu; valid keys here: \['bonus'\]"):
-        C.load_config(QUICKSTART, ["algorithms.count_batches={bonsu: 1.0}"])
+        C.load_config(SHAPES, ["algorithms.count_batches={bonsu: 1.0}"])
     trainer.close()
 
 
@@ -82,10 +82,10 @@ def test_entry_point_registers_a_callback(tmp_path, monkeypatch, caplog):
     assert C.resolve("callbacks", "plugin_cb") is PluginCallback
     assert C.resolve("callbacks", "samples").__name__ == "SampleGrid"  # a built-in name is not taken over
     assert "entry point samples = my_prx_plugin:PluginCallback" in caplog.text
-    cfg = C.load_config(QUICKSTART, ["callbacks.plugin_cb={every: 3}"])
+    cfg = C.load_config(SHAPES, ["callbacks.plugin_cb={every: 3}"])
     assert cfg.callbacks["plugin_cb"] == {"every": 3}
     with pytest.raises(C.ConfigError, match="callbacks.plugin_cb.every must be int"):
-        C.load_config(QUICKSTART, ["callbacks.plugin_cb={every: often}"])
+        C.load_config(SHAPES, ["callbacks.plugin_cb={every: often}"])
 
 
 def test_registered_model_builder_gets_the_config_and_its_settings(tmp_path):
@@ -96,12 +96,12 @@ def test_registered_model_builder_gets_the_config_and_its_settings(tmp_path):
         return "my model"
 
     C.register("model", "mine", build_my_model)
-    cfg = C.load_config(QUICKSTART, ["model.name=mine", "model.settings={width: 16}"])
+    cfg = C.load_config(SHAPES, ["model.name=mine", "model.settings={width: 16}"])
     assert train.build_model(cfg) == "my model" and built == {"cfg": cfg, "width": 16}
     with pytest.raises(C.ConfigError, match=r"unknown key model.settings \(mine\).widht; valid keys here: \['width'\]"):
-        C.load_config(QUICKSTART, ["model.name=mine", "model.settings={widht: 16}"])
+        C.load_config(SHAPES, ["model.name=mine", "model.settings={widht: 16}"])
     with pytest.raises(C.ConfigError, match=r"unknown model name 'theirs'; registered names: \['mine', 'prx'\]"):
-        C.load_config(QUICKSTART, ["model.name=theirs"])
+        C.load_config(SHAPES, ["model.name=theirs"])
 
 
 def test_register_errors_name_the_problem():

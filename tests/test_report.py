@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from composer_prx import report, train
-from tests.test_train import QUICKSTART, tiny_overrides
+from tests.test_train import SHAPES, tiny_overrides
 
 # What the run below logs, as panels: the quickstart's loss, EMA, SpeedMonitor and ShapesEval, plus LR
 # and Muon's update RMS switched on by the overrides.
@@ -23,7 +23,7 @@ def test_report_of_a_tiny_run_and_of_its_resume(tmp_path):
     overrides = [*tiny_overrides(tmp_path, data_root, "rep", "4ba"), "optimizer.name=muon", "callbacks.lr_monitor={}",
                  "callbacks.update_rms={}", "callbacks.speed_monitor.window_size=1", "callbacks.samples.interval=null",
                  "callbacks.shapes_eval.max_prompts=2", "trainer.save_interval=3ba"]
-    trainer = train.main([QUICKSTART, *overrides])
+    trainer = train.main([SHAPES, *overrides])
     run = tmp_path / "runs" / "rep"
     first = report.main([str(run)])
 
@@ -45,7 +45,7 @@ def test_report_of_a_tiny_run_and_of_its_resume(tmp_path):
 
     # resume from batch 3 in the same run folder: the log keeps batches 1-4 of the first fit and the
     # resumed fit's batch 4 replaces the first one's
-    resumed = train.main([QUICKSTART, *overrides, f"trainer.load_path={run}/checkpoints/ep0-ba3-rank0.pt",
+    resumed = train.main([SHAPES, *overrides, f"trainer.load_path={run}/checkpoints/ep0-ba3-rank0.pt",
                           "trainer.save_overwrite=true"])
     log = run / report.LOG_NAME.format(rank=0)
     assert log.read_text().count("[metric][batch=3]: loss/train/total: ") == 2

@@ -12,7 +12,7 @@ from composer_prx import generate, train
 from composer_prx.bench.common import composer_launch
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "yamls" / "quickstart.yaml")
+SHAPES = str(ROOT / "yamls" / "shapes.yaml")
 
 
 def tiny_overrides(tmp_path, data_root, run_name="tiny", duration="4ba"):
@@ -33,7 +33,7 @@ def data_root(tmp_path_factory):
 
 
 def test_quickstart_config_trains_checkpoints_samples_and_evaluates(tmp_path, data_root):
-    trainer = train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root)])
+    trainer = train.main([SHAPES, *tiny_overrides(tmp_path, data_root)])
     run = tmp_path / "runs" / "tiny"
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "latest-rank0.pt").exists()
@@ -63,7 +63,7 @@ def test_generate_routes_the_tread_route_of_the_run_config():
     from composer_prx import config as C
     from composer_prx.algorithms.tread import Route, trained_routes
 
-    cfg = C.load_config(QUICKSTART, ["model.text_encoder=null", "algorithms.tread={route_start: 1, route_end: -2, "
+    cfg = C.load_config(SHAPES, ["model.text_encoder=null", "algorithms.tread={route_start: 1, route_end: -2, "
                                      "ratio: 0.25}"])
     model = train.build_model(cfg)
     assert trained_routes(model) is None
@@ -76,12 +76,12 @@ def _weights(trainer):
 
 
 def test_resume_is_exact(tmp_path, data_root):
-    full = train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root, "full", "6ba")])
-    first = train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root, "split", "3ba"),
+    full = train.main([SHAPES, *tiny_overrides(tmp_path, data_root, "full", "6ba")])
+    first = train.main([SHAPES, *tiny_overrides(tmp_path, data_root, "split", "3ba"),
                         "trainer.save_interval=3ba"])
     ckpt = tmp_path / "runs" / "split" / "checkpoints" / "ep0-ba3-rank0.pt"
     assert ckpt.exists()
-    resumed = train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root, "split", "6ba"),
+    resumed = train.main([SHAPES, *tiny_overrides(tmp_path, data_root, "split", "6ba"),
                           f"trainer.load_path={ckpt}", "trainer.save_overwrite=true"])
     assert int(resumed.state.timestamp.batch) == 6 and first is not resumed
     a, b = _weights(full), _weights(resumed)
@@ -92,7 +92,7 @@ def test_resume_is_exact(tmp_path, data_root):
 
 def test_two_ranks_with_composer_launcher(tmp_path, data_root):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [*composer_launch(2, "-m", "composer_prx.train"), QUICKSTART, *tiny_overrides(tmp_path, data_root, "ddp", "2ba"),
+    cmd = [*composer_launch(2, "-m", "composer_prx.train"), SHAPES, *tiny_overrides(tmp_path, data_root, "ddp", "2ba"),
            "callbacks.samples.interval=null"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -108,7 +108,7 @@ def test_two_ranks_with_composer_launcher(tmp_path, data_root):
     ],
 )
 def test_cli_bad_input_is_one_clear_line(tmp_path, data_root, override, message):
-    cmd = [sys.executable, "-m", "composer_prx.train", QUICKSTART, *tiny_overrides(tmp_path, data_root), override]
+    cmd = [sys.executable, "-m", "composer_prx.train", SHAPES, *tiny_overrides(tmp_path, data_root), override]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr
@@ -116,7 +116,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, data_root, override, message)
 
 def test_missing_text_encoder_weights_named(tmp_path, data_root):
     with pytest.raises(OSError, match=r"text encoder weights '/no/such/encoder' could not be loaded"):
-        train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), "model.text_encoder.name_or_path=/no/such/encoder"])
+        train.main([SHAPES, *tiny_overrides(tmp_path, data_root), "model.text_encoder.name_or_path=/no/such/encoder"])
 
 
 def sharded_model_state(folder: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -132,7 +132,7 @@ def test_fsdp2_two_ranks_trains_and_resumes(tmp_path, data_root):
     """FSDP2 (gloo, CPU): sharded training, sharded checkpoint, and a resume that lands on the weights of an
     uninterrupted run."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # trainer.fsdp means FSDP2 without FSDP_VERSION=2
-    base = [*composer_launch(2, "-m", "composer_prx.train"), QUICKSTART, "callbacks.samples.interval=null", "trainer.fsdp={}",
+    base = [*composer_launch(2, "-m", "composer_prx.train"), SHAPES, "callbacks.samples.interval=null", "trainer.fsdp={}",
             "algorithms.ema=null"]
 
     def run(*overrides):
@@ -165,14 +165,14 @@ def test_bad_sampling_settings_fail_before_training(tmp_path, data_root):
     with pytest.raises(ValueError, match="steps and .size must be >= 1"):
         ShapesEval(str(data_root), steps=0)
     with pytest.raises(ValueError, match="ShapesEval.size 18 is not a multiple of the model's patch size 4"):
-        train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), "callbacks.shapes_eval.size=18"])
+        train.main([SHAPES, *tiny_overrides(tmp_path, data_root), "callbacks.shapes_eval.size=18"])
     with pytest.raises(FileNotFoundError, match="has no eval_prompts.json"):
-        train.main([QUICKSTART, *tiny_overrides(tmp_path, data_root), f"callbacks.shapes_eval.root={tmp_path}"])
+        train.main([SHAPES, *tiny_overrides(tmp_path, data_root), f"callbacks.shapes_eval.root={tmp_path}"])
 
 
 def test_the_recipe_in_miniature_trains_its_own_teacher_and_runs_both_stages(tmp_path):
-    recipe = tmp_path / "recipe.yaml"  # yamls/quickstart_recipe.yaml with 2 + 2 batches
-    recipe.write_text(f"base: {ROOT / 'yamls' / 'quickstart_recipe.yaml'}\n"
+    recipe = tmp_path / "recipe.yaml"  # yamls/quickstart.yaml with 2 + 2 batches
+    recipe.write_text(f"base: {ROOT / 'yamls' / 'quickstart.yaml'}\n"
                       "stages:\n"
                       "  - {name: 8px, duration: 2ba, resolution: 8, global_batch_size: 8}\n"
                       "  - {name: 16px, duration: 2ba, resolution: 16, global_batch_size: 4, algorithms: {repa: off}}\n")
@@ -184,6 +184,7 @@ def test_the_recipe_in_miniature_trains_its_own_teacher_and_runs_both_stages(tmp
     assert (data_root / "teacher" / "config.json").is_file()  # trained by the data builder, then loaded by REPA
     names = {type(a).__name__ for a in trainer.state.algorithms}
     assert {"Tread", "DinoPerceptualLoss", "EMA"} <= names and "Repa" not in names  # stage 2: REPA off
+    assert trainer.state.model.denoiser.cfg.rope_grid == 8  # positions carry over between the stages
     assert int(trainer.state.timestamp.batch) == 4
     assert type(trainer.state.optimizers[0]).__name__ == "Muon"
     log = (tmp_path / "runs" / "recipe" / "logs" / "metrics-rank0.txt").read_text()

@@ -194,9 +194,9 @@ def test_loss_and_grid_helpers():
 def test_a_repa_run_samples_and_exports_without_its_projector(tmp_path, teacher_dir):
     from composer_prx import generate, train
     from composer_prx.export import load_checkpoint_model
-    from tests.test_train import QUICKSTART, tiny_overrides
+    from tests.test_train import SHAPES, tiny_overrides
 
-    train.main([QUICKSTART, *tiny_overrides(tmp_path, tmp_path / "data", "r", "1ba"), "trainer.save_interval=1ba",
+    train.main([SHAPES, *tiny_overrides(tmp_path, tmp_path / "data", "r", "1ba"), "trainer.save_interval=1ba",
                 "callbacks.samples.interval=null", f"algorithms.repa.teacher={teacher_dir}", "algorithms.repa.block=1",
                 "algorithms.repa.hidden=16"])
     ckpt = tmp_path / "runs" / "r" / "checkpoints" / "latest-rank0.pt"
@@ -217,7 +217,7 @@ def test_fsdp2_two_gloo_ranks_train_repa_with_muon_and_shard_the_projector(tmp_p
 
     from composer_prx.bench.common import composer_launch
 
-    quickstart = str(Path(__file__).resolve().parents[2] / "yamls" / "quickstart.yaml")
+    quickstart = str(Path(__file__).resolve().parents[2] / "yamls" / "shapes.yaml")
     overrides = [
         f"variables.data_root={tmp_path}/data", "variables.size=16", f"run_dir={tmp_path}/runs", "run_name=r",
         "model.dit.hidden_dim=32", "model.dit.depth=2", "model.dit.num_heads=2", "model.dit.bottleneck_dim=16",

@@ -16,7 +16,7 @@ from composer_prx import generate, train
 from composer_prx.bench.common import composer_launch
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = str(ROOT / "yamls" / "quickstart.yaml")
+SHAPES = str(ROOT / "yamls" / "shapes.yaml")
 STAGES = ("stages=[{name: low, duration: 3ba, device_train_microbatch_size: 4}, "
           "{name: high, duration: 3ba, resolution: 24, global_batch_size: 4, algorithms: {tread: off}}]")
 
@@ -68,7 +68,7 @@ def full_run(tmp_path_factory):
     """The uninterrupted two-stage run (every batch checkpointed)."""
     tmp = tmp_path_factory.mktemp("stages")
     data = tmp / "data"
-    trainer = train.main([QUICKSTART, *staged(tmp, data, "full")])
+    trainer = train.main([SHAPES, *staged(tmp, data, "full")])
     return tmp, data, trainer
 
 
@@ -94,7 +94,7 @@ def test_resume_on_either_side_of_the_boundary_is_exact(full_run, stop):
     tmp, data, _ = full_run
     ckpt = tmp / "runs" / "full" / "checkpoints" / f"ep0-ba{stop}-rank0.pt"
     run = f"resumed{stop}"
-    resumed = train.main([QUICKSTART, *staged(tmp, data, run, f"trainer.load_path={ckpt}")])
+    resumed = train.main([SHAPES, *staged(tmp, data, run, f"trainer.load_path={ckpt}")])
     assert int(resumed.state.timestamp.batch) == 6
     assert_same(final_state(tmp, "full"), final_state(tmp, run))
 
@@ -120,7 +120,7 @@ def test_generate_and_export_choose_an_ema_by_name(full_run):
 
 def test_kill_9_mid_run_then_the_same_command_continues(full_run):
     tmp, data, _ = full_run
-    cmd = [sys.executable, "-m", "composer_prx.train", QUICKSTART, *staged(tmp, data, "killed"),
+    cmd = [sys.executable, "-m", "composer_prx.train", SHAPES, *staged(tmp, data, "killed"),
            "trainer.autoresume=true"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     folder = tmp / "runs" / "killed" / "checkpoints"
@@ -142,15 +142,15 @@ def test_stage_config_errors_are_clear(tmp_path):
     base = ["model.text_encoder=null", "data.train.n_train=96"]
     with pytest.raises(C.ConfigError, match=r"stages\[0\].duration: a stage's duration must be a positive number "
                                             "of batches"):
-        C.load_config(QUICKSTART, [*base, "trainer.max_duration=null", "stages=[{duration: 10sp}]"])
+        C.load_config(SHAPES, [*base, "trainer.max_duration=null", "stages=[{duration: 10sp}]"])
     with pytest.raises(C.ConfigError, match="differs from the stages' total 5ba"):
-        C.load_config(QUICKSTART, [*base, "stages=[{duration: 5ba}]"])
+        C.load_config(SHAPES, [*base, "stages=[{duration: 5ba}]"])
     with pytest.raises(C.ConfigError, match=r"unknown key stages\[0\].batch; valid keys here"):
-        C.load_config(QUICKSTART, [*base, "trainer.max_duration=null", "stages=[{duration: 5ba, batch: 3}]"])
+        C.load_config(SHAPES, [*base, "trainer.max_duration=null", "stages=[{duration: 5ba, batch: 3}]"])
     with pytest.raises(C.ConfigError, match=r"unknown key stages\[0\].algorithms.tread.ratoi"):
-        C.load_config(QUICKSTART, [*base, "trainer.max_duration=null", "algorithms.tread={}",
+        C.load_config(SHAPES, [*base, "trainer.max_duration=null", "algorithms.tread={}",
                                    "stages=[{duration: 5ba, algorithms: {tread: {ratoi: 0.2}}}]"])
-    cfg = C.load_config(QUICKSTART, [*base, "trainer.max_duration=null", "algorithms.tread={}",
+    cfg = C.load_config(SHAPES, [*base, "trainer.max_duration=null", "algorithms.tread={}",
                                      "stages=[{duration: 5ba}, {duration: 2ba, algorithms: {tread: 'off'}}]"])
     assert cfg.trainer.max_duration == "7ba" and cfg.stages[1]["algorithms"] == {"tread": "off"}
 
@@ -173,7 +173,7 @@ def test_fsdp2_two_ranks_two_stages_ema_every_10_batches_and_exact_resume(full_r
     ema = "algorithms.ema={smoothing: [0.999, 0.9999], update_interval: 10ba}"
 
     def run(name, *more):
-        cmd = [*composer_launch(2, "-m", "composer_prx.train"), QUICKSTART, *staged(tmp, data, name, *extra, *more, ema=ema)]
+        cmd = [*composer_launch(2, "-m", "composer_prx.train"), SHAPES, *staged(tmp, data, name, *extra, *more, ema=ema)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout

@@ -20,7 +20,7 @@ from composer_prx.model.text import load_text_encoder, save_word_level_encoder
 from tests.data.conftest import encode
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = str(ROOT / "yamls" / "quickstart.yaml")
+SHAPES = str(ROOT / "yamls" / "shapes.yaml")
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "left", "right", "top", "small", "big", "on", "the"]
 
 
@@ -106,7 +106,7 @@ def mds_quickstart(tmp, data) -> str:
     """The quickstart YAML reading the MDS folder `data` (its data.train replaced, which overrides cannot do)."""
     from omegaconf import OmegaConf
 
-    conf = OmegaConf.load(QUICKSTART)
+    conf = OmegaConf.load(SHAPES)
     conf.data.train = {"name": "mds", "remote": None, "local": str(data)}
     path = tmp / f"quickstart_{Path(data).name}.yaml"
     OmegaConf.save(conf, path)

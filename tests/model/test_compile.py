@@ -11,7 +11,7 @@ from composer_prx.model.dit import DiTConfig, PixelDiT
 from composer_prx.model.pipeline import PRXModel
 from tests.conftest import image_batch
 
-QUICKSTART = str(Path(__file__).resolve().parents[2] / "yamls" / "quickstart.yaml")
+SHAPES = str(Path(__file__).resolve().parents[2] / "yamls" / "shapes.yaml")
 CFG = DiTConfig(patch_size=4, hidden_dim=16, depth=3, num_heads=2, mlp_ratio=2.0, bottleneck_dim=8, text_dim=32)
 
 
@@ -71,7 +71,7 @@ def test_model_compile_key_compiles_the_blocks(text_encoder_dir):
 
     overrides = ["model.dit={patch_size: 4, hidden_dim: 16, depth: 2, num_heads: 2, bottleneck_dim: 8, text_dim: 32}",
                  f"model.text_encoder.name_or_path={text_encoder_dir}", "model.compile=true"]
-    cfg = C.load_config(QUICKSTART, overrides)
+    cfg = C.load_config(SHAPES, overrides)
     assert all(block.compiled for block in build_prx_model(cfg).denoiser.blocks)
     cfg.model.compile = False
     assert not any(block.compiled for block in build_prx_model(cfg).denoiser.blocks)

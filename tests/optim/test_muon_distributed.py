@@ -129,7 +129,7 @@ def test_train_cli_with_fsdp2_muon_and_scheduler_on_two_ranks(tmp_path):
         "trainer.progress_bar=false", "trainer.fsdp={}", "optimizer.name=muon", "scheduler.t_warmup=1ba",
         "callbacks.samples=null", "callbacks.shapes_eval=null",
     ]
-    cmd = [*composer_launch(2, "-m", "composer_prx.train"), str(root / "yamls" / "quickstart.yaml"), *overrides]
+    cmd = [*composer_launch(2, "-m", "composer_prx.train"), str(root / "yamls" / "shapes.yaml"), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (tmp_path / "runs" / "muon" / "checkpoints").is_dir()
