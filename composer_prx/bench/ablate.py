@@ -1,8 +1,8 @@
 """python -m composer_prx.bench ablate: each technique over an AdamW baseline, and all of them, at an equal budget.
 
-Every arm trains yamls/shapes.yaml (the quickstart's model and data, one 32 px stage) on the shapes data for the same wall-clock budget (`--seconds`,
-callback `time_budget`) or the same number of batches (`--batches`), then ShapesEval scores the held-out
-prompts; each arm runs every seed:
+Every arm trains yamls/shapes.yaml (the quickstart's model and data, one 32 px stage) for the same
+wall-clock budget (`--seconds`, callback `time_budget`) or the same number of batches (`--batches`), then
+ShapesEval scores the held-out prompts; each arm runs every seed:
 
     arm = baseline (AdamW; no EMA, TREAD, REPA, perceptual loss) + its techniques
     table row = arm | batches in the budget | ShapesEval 1-/2-object scores, mean ± std over seeds | wall s
@@ -84,12 +84,11 @@ def run_overrides(arm: str, seed: int, seconds: float | None, out: Path, data_ro
             "callbacks.samples=null", *arm_overrides(arm, teacher, lpips), *extra]
 
 
-def run_arm(arm: str, seed: int, seconds: float | None, out: Path, data_root: str, teacher: str, lpips: str | None,
-            extra: list[str], batches: int | None = None) -> dict:
-    """Train one (arm, seed) in this process for `seconds` (or `batches`), score it, write and return its result."""
+def run_arm(arm: str, seed: int, overrides: list[str], path: Path, seconds: float | None,
+            batches: int | None = None) -> dict:
+    """Train one (arm, seed) in this process with its `run_overrides`, score it, write its result to `path`."""
     from composer_prx import train
 
-    overrides = run_overrides(arm, seed, seconds, out, data_root, teacher, lpips, extra, batches)
     start = time.perf_counter()
     trainer = train.main([str(SHAPES), *overrides])
     wall = time.perf_counter() - start
@@ -97,7 +96,6 @@ def run_arm(arm: str, seed: int, seconds: float | None, out: Path, data_root: st
     result = {"arm": arm, "seed": seed, "seconds": None if batches else seconds,
               "batches": int(trainer.state.timestamp.batch), "wall_s": round(wall, 1),
               "scores": callbacks["ShapesEval"].results, "overrides": overrides}
-    path = out / "results" / f"{run_name(arm, seed)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
@@ -169,13 +167,13 @@ def main(argv: list[str] | None = None) -> str:
     for arm in arms:
         for seed in args.seeds:
             path = out / "results" / f"{run_name(arm, seed)}.json"
-            result = kept_result(path, run_overrides(arm, seed, args.seconds, out, args.data_root, teacher,
-                                                     args.lpips_backbone, args.set, args.batches))
+            overrides = run_overrides(arm, seed, args.seconds, out, args.data_root, teacher, args.lpips_backbone,
+                                      args.set, args.batches)
+            result = kept_result(path, overrides)
             if result is not None:
                 log.info("kept %s seed %d from %s", arm, seed, path)
             else:
-                result = run_arm(arm, seed, args.seconds, out, args.data_root, teacher, args.lpips_backbone,
-                                 args.set, args.batches)
+                result = run_arm(arm, seed, overrides, path, args.seconds, args.batches)
             results.setdefault(arm, []).append(result)
     text = table(results, skipped, f"{args.batches} per run" if args.batches else f"in {args.seconds:g} s")
     (out / "ablate.md").parent.mkdir(parents=True, exist_ok=True)
