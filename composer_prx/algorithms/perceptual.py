@@ -48,6 +48,7 @@ __all__ = ["DinoPerceptualLoss", "FrozenLpips", "LpipsLoss", "dino_distance", "l
 TORCHVISION_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth",
                      "squeeze": "squeezenet1_1-b8a52dc0.pth"}
 LPIPS_VERSION = "0.1"
+LPIPS_EPS = 1e-10  # lpips.normalize_tensor's
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 """(x_hat [B, 3, h, w] with grad, x [B, 3, h, w]) -> per-sample distance [B]."""
@@ -161,7 +162,7 @@ class FrozenLpips:
     """The lpips package's LPIPS net, frozen and always in eval mode (its heads' Dropout never runs).
 
     __call__(x_hat [B, 3, H, W], x [B, 3, H, W], both in [-1, 1]) -> d [B]
-        d = sum_l mean_hw || w_l * (phi_l(x_hat) - phi_l(x)) ||^2   (phi_l unit-normalised over channels)
+        d = sum_l mean_hw sum_c w_lc (phi_l(x_hat) - phi_l(x))_c^2   (phi_l unit-normalised over channels)
     """
 
     def __init__(self, net: nn.Module, name: str):
@@ -183,9 +184,47 @@ class FrozenLpips:
         return int(counter.get_total_flops())
 
     def __call__(self, x_pred: Tensor, x: Tensor) -> Tensor:
-        if self.net.training:
-            self.net.eval()  # someone called .train(): the heads' Dropout must stay off
-        return self.net(x_pred, x).flatten()
+        """The lpips package's LPIPS.forward, computed leaner (same value; tests check it against the package):
+        channels-last convolutions, x's features without autograd, and each layer's distance in one
+        autograd node (_LayerDistance) instead of about ten."""
+        net = self.net
+        if net.training:
+            net.eval()  # someone called .train(): the heads' Dropout must stay off
+        pred = net.net(net.scaling_layer(x_pred).contiguous(memory_format=torch.channels_last))
+        with torch.no_grad():
+            true = net.net(net.scaling_layer(x).contiguous(memory_format=torch.channels_last))
+        heads = [lin.model[-1].weight.flatten() for lin in net.lins]
+        return sum(_LayerDistance.apply(f0, f1, w) for f0, f1, w in zip(pred, true, heads))
+
+
+class _LayerDistance(torch.autograd.Function):
+    """One LPIPS layer: d_b = mean_hw sum_c w_c (a_c - b_c)^2 with a = f0 / (||f0||_c + eps), b likewise for f1.
+
+    Gradient to f0 only (f1 is the real image's): with g = 2 w (a - b) / HW per pixel,
+    dd/df0 = (g - a <a, g>_c) / (||f0||_c + eps)   (the Jacobian of a = f0 / ||f0|| is (I - a a^T) / ||f0||;
+    eps's effect on it is below fp32, lpips' own eps being 1e-10).  A pixel whose features are all zero gets
+    no gradient (the package's autograd gives NaN there).  Computed in fp32 or wider.
+    """
+
+    @staticmethod
+    def forward(ctx, f0: Tensor, f1: Tensor, w: Tensor) -> Tensor:
+        ctx.dtype = f0.dtype
+        wide = torch.promote_types(f0.dtype, torch.float32)  # bf16 features (autocast) -> fp32
+        f0, f1, w = f0.to(wide), f1.to(wide), w.to(wide)[:, None, None]
+        n0 = torch.linalg.vector_norm(f0, dim=1, keepdim=True).add_(LPIPS_EPS)
+        a = f0 / n0
+        diff = torch.addcdiv(a, f1, torch.linalg.vector_norm(f1, dim=1, keepdim=True).add_(LPIPS_EPS), value=-1)
+        weighted = diff * w
+        ctx.save_for_backward(a, weighted, n0)
+        return torch.linalg.vecdot(weighted, diff, dim=1).mean((1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_d: Tensor):
+        a, weighted, n0 = ctx.saved_tensors
+        g = weighted * (2 * grad_d.to(a.dtype) / (a.shape[2] * a.shape[3]))[:, None, None, None]
+        along = torch.linalg.vecdot(a, g, dim=1).unsqueeze(1)  # <a, g> over channels
+        inverse = n0.reciprocal().masked_fill_(n0 <= LPIPS_EPS, 0.0)  # an all-zero feature pixel: no gradient
+        return torch.addcmul(g, a, along, value=-1).mul_(inverse).to(ctx.dtype), None, None
 
 
 _LPIPS_CACHE: dict[tuple, FrozenLpips] = {}
@@ -257,7 +296,7 @@ def load_lpips(net: str = "vgg", backbone_path: str | None = None, device: torch
         heads = torch.load(heads_path, map_location="cpu", weights_only=True)
         _strict_load(model.lins, {k.removeprefix("lin").split(".", 1)[0] + "." + k.split(".", 1)[1]: v
                                   for k, v in heads.items()}, f"the LPIPS v{LPIPS_VERSION} {net} heads", heads_path)
-    frozen = FrozenLpips(model.to(device), f"lpips-{net}:{path}")
+    frozen = FrozenLpips(model.to(device, memory_format=torch.channels_last), f"lpips-{net}:{path}")
     _LPIPS_CACHE[key] = frozen
     log.info("loaded LPIPS %s (backbone %s) on %s", net, path, device)
     return frozen

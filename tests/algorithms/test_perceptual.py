@@ -3,6 +3,7 @@ ladders, gradients, the t_range gate, a real Composer Trainer and what its check
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -14,7 +15,7 @@ from composer.loggers import InMemoryLogger
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from composer_prx.algorithms.perceptual import (DinoPerceptualLoss, LpipsLoss, _heads_path, load_lpips,
+from composer_prx.algorithms.perceptual import (DinoPerceptualLoss, FrozenLpips, LpipsLoss, _heads_path, load_lpips,
                                                 perceptual_term, target_size)
 from composer_prx.model.dit import DiTConfig, PixelDiT
 from composer_prx.model.pipeline import FlowOutput, PRXModel
@@ -107,6 +108,33 @@ def test_lpips_missing_weights_is_one_line_naming_file_and_setting(tmp_path):
 
 
 # ---- the losses' values ------------------------------------------------------------------------------
+def test_lpips_value_and_gradient_are_the_lpips_package_s(alex_file):
+    """Our leaner LPIPS (channels-last, one autograd node per layer) against the package's own LPIPS.forward
+    and autograd through it, in float64 so the comparison is tight."""
+    frozen = load_lpips("alex", alex_file)
+    net64 = copy.deepcopy(frozen.net).double()
+    frozen64 = FrozenLpips(net64, "alex64")
+    x, y = _image(seed=0).double(), _image(seed=1).double()
+    pred = x.clone().requires_grad_()
+    reference = net64(pred, y).flatten()  # the lpips package's forward: the definition
+    (reference * torch.tensor([1.0, -2.0], dtype=torch.float64)).sum().backward()
+    ours_pred = x.clone().requires_grad_()
+    ours = frozen64(ours_pred, y)
+    (ours * torch.tensor([1.0, -2.0], dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours_pred.grad, pred.grad, rtol=1e-8, atol=1e-12)
+    assert pred.grad.abs().max() > 0
+    # a pixel whose features are all zero (dead ReLUs) gets no gradient, not the package's NaN
+    from composer_prx.algorithms.perceptual import _LayerDistance
+    f0 = torch.rand(2, 4, 3, 3, dtype=torch.float64)
+    f0[:, :, 1, 1] = 0
+    f0.requires_grad_()
+    _LayerDistance.apply(f0, torch.rand(2, 4, 3, 3, dtype=torch.float64), torch.rand(4, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(f0.grad).all() and (f0.grad[:, :, 1, 1] == 0).all() and f0.grad.abs().sum() > 0
+    # fp32 as trained: the same within fp32 rounding
+    torch.testing.assert_close(frozen(x.float(), y.float()), reference.float(), rtol=1e-4, atol=1e-6)
+
+
 def test_lpips_zero_for_equal_and_monotone_on_blur_and_noise(alex_file):
     frozen = load_lpips("alex", alex_file)
     _assert_zero_and_monotone(frozen)
