@@ -5,6 +5,7 @@ import inspect
 import math
 
 import pytest
+import torch
 
 from composer_prx.bench import common
 from composer_prx.bench.__main__ import BENCHES, main
@@ -48,3 +49,18 @@ def test_row_goal_and_verdict():
     assert "| ours / theirs (theirs not installed) | n/a | <= 1 | not measured |" in rows_table([missing])
     with pytest.raises(ValueError, match="op must be one of"):
         Row("x", "ratio", 1.0, "=<", 1.0)
+
+
+def test_step_times_prx_s_own_denoiser_with_the_same_weights(tiny_reference):
+    from composer_prx.bench import step
+
+    prx = step._prx_model()
+    ours = common.reference_model(seed=0)
+    batch = common.reference_batch(2, resolution=64, text_tokens=8)
+    torch.manual_seed(0)
+    theirs_loss = prx.loss(prx(batch), batch)
+    torch.manual_seed(0)
+    torch.testing.assert_close(theirs_loss, ours.loss(ours(batch), batch))  # the same computation
+    rows = step.main(["--rounds", "1", "--steps", "1", "--batch", "2"])
+    ratio = next(r for r in rows if r.name == "PRX's denoiser (diffusers) bare step / ours")
+    assert (ratio.op, ratio.bound) == (">=", 1.3) and math.isfinite(ratio.value) and ratio.value > 0
