@@ -211,12 +211,14 @@ class _LayerDistance(torch.autograd.Function):
         ctx.dtype = f0.dtype
         wide = torch.promote_types(f0.dtype, torch.float32)  # bf16 features (autocast) -> fp32
         f0, f1, w = f0.to(wide), f1.to(wide), w.to(wide)[:, None, None]
-        n0 = torch.linalg.vector_norm(f0, dim=1, keepdim=True).add_(LPIPS_EPS)
-        a = f0 / n0
-        diff = torch.addcdiv(a, f1, torch.linalg.vector_norm(f1, dim=1, keepdim=True).add_(LPIPS_EPS), value=-1)
-        weighted = diff * w
-        ctx.save_for_backward(a, weighted, n0)
-        return torch.linalg.vecdot(weighted, diff, dim=1).mean((1, 2))
+        with torch.autocast(f0.device.type, enabled=False):  # the reductions stay in `wide`
+            n0 = torch.linalg.vector_norm(f0, dim=1, keepdim=True).add_(LPIPS_EPS)
+            a = f0 / n0
+            n1 = torch.linalg.vector_norm(f1, dim=1, keepdim=True).add_(LPIPS_EPS)
+            diff = torch.addcdiv(a, f1, n1, value=-1)
+            weighted = diff * w
+            ctx.save_for_backward(a, weighted, n0)
+            return torch.linalg.vecdot(weighted, diff, dim=1).mean((1, 2))
 
     @staticmethod
     def backward(ctx, grad_d: Tensor):

@@ -133,6 +133,11 @@ def test_lpips_value_and_gradient_are_the_lpips_package_s(alex_file):
     assert torch.isfinite(f0.grad).all() and (f0.grad[:, :, 1, 1] == 0).all() and f0.grad.abs().sum() > 0
     # fp32 as trained: the same within fp32 rounding
     torch.testing.assert_close(frozen(x.float(), y.float()), reference.float(), rtol=1e-4, atol=1e-6)
+    # under bf16 autocast (the accelerator setting) the distance comes back in fp32, near the fp32 value
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = frozen(x.float(), y.float())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, reference.float(), rtol=0.1, atol=1e-3)
 
 
 def test_lpips_zero_for_equal_and_monotone_on_blur_and_noise(alex_file):
