@@ -49,6 +49,8 @@ def test_without_lpips_the_full_recipe_runs_under_its_own_name():
     assert arms == [a for a in everything if a not in ("+lpips", "full recipe")] + [ablate.NO_LPIPS]
     assert skipped == {"+lpips": "no LPIPS backbone at --lpips-backbone /no/vgg.pth"}
     assert ablate.planned_arms(["baseline", "full recipe"], False) == (["baseline", ablate.NO_LPIPS], {})
+    assert ablate.planned_arms(["+lpips"], False)[1] == {  # no path given: say which flag and file, not "None"
+        "+lpips": "no LPIPS backbone (pass --lpips-backbone with torchvision's vgg16-397923af.pth)"}
     assert set(ablate.ALL_ARMS[ablate.NO_LPIPS]) == set(ablate.ARMS["full recipe"]) - {"lpips"}
     assert ablate.run_name(ablate.NO_LPIPS, 3) != ablate.run_name("full recipe", 3)  # never kept in place of it
 

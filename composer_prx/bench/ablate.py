@@ -58,7 +58,9 @@ def planned_arms(requested: list[str], has_lpips: bool,
     if has_lpips:
         return [a for a in ARMS if a in requested], {}
     wanted = {NO_LPIPS if a == "full recipe" else a for a in requested} - {"+lpips"}
-    skipped = {"+lpips": f"no LPIPS backbone at --lpips-backbone {backbone}"} if "+lpips" in requested else {}
+    why = (f"no LPIPS backbone at --lpips-backbone {backbone}" if backbone else
+           "no LPIPS backbone (pass --lpips-backbone with torchvision's vgg16-397923af.pth)")
+    skipped = {"+lpips": why} if "+lpips" in requested else {}
     return [a for a in ALL_ARMS if a in wanted], skipped
 
 
