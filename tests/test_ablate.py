@@ -34,19 +34,32 @@ def test_time_budget_stops_training_and_still_evaluates(tmp_path, data_root):
 
 @pytest.mark.parametrize("arm", [*ablate.ARMS, ablate.NO_LPIPS])
 def test_each_arm_is_the_baseline_plus_its_techniques(arm):
-    cfg = C.load_config(SHAPES, ablate.arm_overrides(arm, teacher="/t", lpips="/vgg.pth"))
+    cfg = C.load_config(ablate.arm_config(arm), ablate.arm_overrides(arm, teacher="/t", lpips="/vgg.pth"))
     techniques = set(ablate.ALL_ARMS[arm])
     algorithm_of = {"ema": "ema", "tread": "tread", "repa": "repa", "lpips": "lpips", "dino": "dino_perceptual"}
     expected = {algorithm_of[t] for t in techniques if t in algorithm_of} | {"gradient_clipping"}
     assert {k for k, v in cfg.algorithms.items() if v is not None} == expected
     assert C._split_component(cfg.optimizer, "optimizer")[0] == ("muon" if "muon" in techniques else "adamw")
+    if arm == ablate.MINIATURE:  # the quickstart as it is: two stages, REPA off in the second
+        assert [s["resolution"] for s in cfg.stages] == [16, 32] and cfg.stages[1]["algorithms"] == {"repa": False}
+
+
+def test_the_recipe_in_miniature_runs_to_the_clock_or_its_stages():
+    overrides = ablate.run_overrides(ablate.MINIATURE, 3, 240.0, ablate.Path("/o"), "/d", "/d/teacher", None, [])
+    assert "callbacks.time_budget={seconds: 240.0}" in overrides
+    assert not any(o.startswith("trainer.max_duration") for o in overrides)  # the stages set it
+    cfg = C.load_config(ablate.QUICKSTART, overrides)
+    assert cfg.trainer.max_duration == C.load_config(ablate.QUICKSTART).trainer.max_duration and cfg.seed == 3
+    arms, skipped = ablate.planned_arms(["baseline", ablate.MINIATURE], True, by_batches=True)
+    assert arms == ["baseline"] and "stages fix its batches" in skipped[ablate.MINIATURE]
+    assert ablate.planned_arms(["baseline", ablate.MINIATURE], False)[0] == ["baseline", ablate.MINIATURE]
 
 
 def test_without_lpips_the_full_recipe_runs_under_its_own_name():
     everything = list(ablate.ARMS)
     assert ablate.planned_arms(everything, True) == (everything, {})
     arms, skipped = ablate.planned_arms(everything, False, "/no/vgg.pth")
-    assert arms == [a for a in everything if a not in ("+lpips", "full recipe")] + [ablate.NO_LPIPS]
+    assert arms == [a for a in ablate.ALL_ARMS if a not in ("+lpips", "full recipe")]
     assert skipped == {"+lpips": "no LPIPS backbone at --lpips-backbone /no/vgg.pth"}
     assert ablate.planned_arms(["baseline", "full recipe"], False) == (["baseline", ablate.NO_LPIPS], {})
     assert ablate.planned_arms(["+lpips"], False)[1] == {  # no path given: say which flag and file, not "None"
@@ -85,3 +98,13 @@ def test_ablate_runs_keeps_finished_arms_and_tables_them(tmp_path, data_root, ca
     assert "batches (2 per run)" in steps
     with pytest.raises(SystemExit, match="unknown arms"):
         ablate.main(["--arms", "nope"])
+
+
+def test_the_recipe_in_miniature_arm_trains_the_quickstart(tmp_path):
+    out = tmp_path / "ablate"
+    text = ablate.main(["--seconds", "0.5", "--seeds", "1", "--arms", ablate.MINIATURE, "--out", str(out),
+                        "--data-root", str(tmp_path / "shapes"), "--teacher-steps", "2",
+                        "--set", *[o for o in TINY if not o.startswith(("data.global_batch_size", "scheduler"))]])
+    result = json.loads((out / "0.5s" / "results" / "recipe_in_miniature-s1.json").read_text())
+    assert 1 <= result["batches"] < 800 and set(result["scores"]) == {"1obj", "2obj"}  # the clock stopped it
+    assert text.splitlines()[2].startswith(f"| {ablate.MINIATURE} | 1 |")

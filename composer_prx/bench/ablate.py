@@ -7,6 +7,10 @@ ShapesEval scores the held-out prompts; each arm runs every seed:
     arm = baseline (AdamW; no EMA, TREAD, REPA, perceptual loss) + its techniques
     table row = arm | batches in the budget | ShapesEval 1-/2-object scores, mean ± std over seeds | wall s
 
+One more arm, "recipe in miniature", is yamls/quickstart.yaml itself (two stages, 16 px then 32 px, with its
+Muon, EMA, TREAD, REPA, RoPE and time-shift settings) under the same wall-clock budget: the recipe as the
+quickstart runs it, against the baseline. Its stages fix its batches, so `--batches` does not run it.
+
 A finished (arm, seed) leaves OUT/results/ARM-sSEED.json and is kept, not rerun, so an interrupted
 ablation resumes where it stopped. REPA and the DINO perceptual loss use the shapes stand-in teacher
 (python -m composer_prx.data.shapes_teacher), trained once for a fixed number of steps. LPIPS needs
@@ -28,6 +32,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SHAPES = Path(__file__).resolve().parents[2] / "yamls" / "shapes.yaml"
+QUICKSTART = SHAPES.with_name("quickstart.yaml")
 # Each technique as the quickstart-scale settings it runs with; {teacher} / {lpips} are filled in at run time.
 TECHNIQUES = {
     # Muon's lr tuned at this scale: with Moonlight's scaling its update RMS is 0.2 lr, so lr 1e-3 (the AdamW
@@ -41,31 +46,47 @@ TECHNIQUES = {
 }
 BASELINE = ["optimizer.name=adamw", *(f"algorithms.{name}=null" for name in
                                        ("ema", "tread", "repa", "lpips", "dino_perceptual"))]
-ARMS = {"baseline": [], **{f"+{name}": [name] for name in TECHNIQUES}, "full recipe": list(TECHNIQUES)}
+MINIATURE = "recipe in miniature"  # yamls/quickstart.yaml as it is (its techniques listed for reference)
+ARMS = {"baseline": [], **{f"+{name}": [name] for name in TECHNIQUES}, "full recipe": list(TECHNIQUES),
+        MINIATURE: ["muon", "ema", "tread", "repa"]}
 # PRX Part 2's FID change when the technique is added (lower is better), for the table's last column.
 PRX_FID_DELTA = {"+muon": "−2.65", "+repa": "−3.56", "+tread": "+3.41 (256 px) / −3.32 (1024 px)"}
 SCORES = [("1obj", "colour"), ("1obj", "position"), ("1obj", "shape"), ("1obj", "all"), ("2obj", "all")]
 
 
 NO_LPIPS = "full recipe without LPIPS"
-ALL_ARMS = {**ARMS, NO_LPIPS: [name for name in ARMS["full recipe"] if name != "lpips"]}
+ALL_ARMS = {**{a: t for a, t in ARMS.items() if a != MINIATURE},
+            NO_LPIPS: [name for name in ARMS["full recipe"] if name != "lpips"], MINIATURE: ARMS[MINIATURE]}
 
 
-def planned_arms(requested: list[str], has_lpips: bool,
-                 backbone: str | None = None) -> tuple[list[str], dict[str, str]]:
+def planned_arms(requested: list[str], has_lpips: bool, backbone: str | None = None,
+                 by_batches: bool = False) -> tuple[list[str], dict[str, str]]:
     """The arms to run (ALL_ARMS order) and the ones skipped with why: without an LPIPS backbone
-    +lpips is skipped and the full recipe runs as NO_LPIPS."""
+    +lpips is skipped and the full recipe runs as NO_LPIPS; at equal batches the recipe in miniature is
+    skipped (its stages set its batches)."""
+    skipped = {}
+    if by_batches and MINIATURE in requested:
+        skipped[MINIATURE] = "its stages fix its batches; compare it at equal --seconds"
+    requested = [a for a in requested if a not in skipped]
     if has_lpips:
-        return [a for a in ARMS if a in requested], {}
+        return [a for a in ARMS if a in requested], skipped
     wanted = {NO_LPIPS if a == "full recipe" else a for a in requested} - {"+lpips"}
-    why = (f"no LPIPS backbone at --lpips-backbone {backbone}" if backbone else
-           "no LPIPS backbone (pass --lpips-backbone with torchvision's vgg16-397923af.pth)")
-    skipped = {"+lpips": why} if "+lpips" in requested else {}
+    if "+lpips" in requested:
+        skipped["+lpips"] = (f"no LPIPS backbone at --lpips-backbone {backbone}" if backbone else
+                             "no LPIPS backbone (pass --lpips-backbone with torchvision's vgg16-397923af.pth)")
     return [a for a in ALL_ARMS if a in wanted], skipped
 
 
+def arm_config(arm: str) -> Path:
+    """The yaml an arm trains: the quickstart for the recipe in miniature, yamls/shapes.yaml for the others."""
+    return QUICKSTART if arm == MINIATURE else SHAPES
+
+
 def arm_overrides(arm: str, teacher: str, lpips: str | None) -> list[str]:
-    """The dotlist of one arm over the quickstart: the baseline, then each of its techniques' settings."""
+    """The dotlist of one arm over yamls/shapes.yaml: the baseline, then each of its techniques' settings
+    (none for the recipe in miniature, whose yaml sets them)."""
+    if arm == MINIATURE:
+        return []
     out = list(BASELINE)
     for name in ALL_ARMS[arm]:
         out += [o.replace("{teacher}", teacher).replace("{lpips}", lpips or "") for o in TECHNIQUES[name]]
@@ -78,9 +99,12 @@ def run_name(arm: str, seed: int) -> str:
 
 def run_overrides(arm: str, seed: int, seconds: float | None, out: Path, data_root: str, teacher: str,
                   lpips: str | None, extra: list[str], batches: int | None = None) -> list[str]:
-    """The full dotlist of one (arm, seed) run over yamls/shapes.yaml (also the key a kept result must match)."""
-    budget = [f"trainer.max_duration={batches}ba"] if batches else [
-        "trainer.max_duration=1000000ba", f"callbacks.time_budget={{seconds: {seconds}}}"]
+    """The full dotlist of one (arm, seed) run over its `arm_config` (also the key a kept result must match)."""
+    clock = [f"callbacks.time_budget={{seconds: {seconds}}}"]
+    if batches:
+        budget = [f"trainer.max_duration={batches}ba"]
+    else:  # the recipe in miniature stops at the budget or at the end of its stages, whichever comes first
+        budget = clock if arm == MINIATURE else ["trainer.max_duration=1000000ba", *clock]
     return [f"variables.data_root={data_root}", f"run_dir={out}/runs", f"run_name={run_name(arm, seed)}",
             f"seed={seed}", *budget, "trainer.save_interval=1000000ba", "trainer.progress_bar=false",
             "callbacks.samples=null", *arm_overrides(arm, teacher, lpips), *extra]
@@ -92,7 +116,7 @@ def run_arm(arm: str, seed: int, overrides: list[str], path: Path, seconds: floa
     from composer_prx import train
 
     start = time.perf_counter()
-    trainer = train.main([str(SHAPES), *overrides])
+    trainer = train.main([str(arm_config(arm)), *overrides])
     wall = time.perf_counter() - start
     callbacks = {type(cb).__name__: cb for cb in trainer.state.callbacks}
     result = {"arm": arm, "seed": seed, "seconds": None if batches else seconds,
@@ -164,7 +188,7 @@ def main(argv: list[str] | None = None) -> str:
 
         ensure_shapes_teacher(args.data_root, args.teacher_steps)  # before any arm, outside their budgets
     has_lpips = args.lpips_backbone is not None and Path(args.lpips_backbone).is_file()
-    arms, skipped = planned_arms(args.arms, has_lpips, args.lpips_backbone)
+    arms, skipped = planned_arms(args.arms, has_lpips, args.lpips_backbone, by_batches=args.batches is not None)
     results: dict[str, list[dict]] = {}
     for arm in arms:
         for seed in args.seeds:
